@@ -1,0 +1,88 @@
+"""The model registry: torchvision's ResNet and VGG families as Flax modules.
+
+Example:
+    >>> import jtransfer as jt
+    >>> model = jt.models.create("resnet18", num_classes=2)
+    >>> "vgg16_bn" in jt.models.ARCHS
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jtransfer.errors import ConfigError
+from jtransfer.models import resnet, vgg
+from jtransfer.models.layers import BatchNorm, adaptive_avg_pool2d
+
+
+@dataclass(frozen=True)
+class Family:
+    """What porting and partitioning need to know about a model family."""
+
+    name: str
+    module: type[nn.Module]
+    variants: dict[str, dict[str, Any]]
+    stages: tuple[str, ...]  # in forward order; the last one holds the head
+    head: str  # Flax name of the classifier layer that `num_classes` resizes
+    flatten_inputs: dict[str, tuple[int, int, int]]  # Dense <- torch (C, H, W) flatten
+
+
+FAMILIES = (
+    Family("resnet", resnet.ResNet, resnet.VARIANTS, resnet.STAGES, "fc", {}),
+    Family("vgg", vgg.VGG, vgg.VARIANTS, vgg.STAGES, "classifier_6", vgg.FLATTEN_INPUTS),
+)
+_BY_ARCH = {arch: fam for fam in FAMILIES for arch in fam.variants}
+ARCHS: tuple[str, ...] = tuple(_BY_ARCH)
+
+
+def family(arch: str) -> Family:
+    """The family an architecture name belongs to; ConfigError for unknown names."""
+    try:
+        return _BY_ARCH[arch]
+    except KeyError:
+        raise ConfigError(
+            f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}"
+        ) from None
+
+
+def create(arch: str, num_classes: int = 1000, dtype: Any = jnp.float32, **kwargs) -> nn.Module:
+    """Builds the Flax module for a torchvision architecture name.
+
+    Args:
+        arch: one of `ARCHS`, e.g. "resnet50" or "vgg16_bn".
+        num_classes: output classes of the head.
+        dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32.
+        **kwargs: other module attributes (e.g. `dropout=0.0` for VGG).
+
+    Returns:
+        An unbound flax.linen Module; `model.init(rng, x)` gives its variables.
+    """
+    fam = family(arch)
+    if num_classes < 1:
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+    return fam.module(num_classes=num_classes, dtype=dtype, **fam.variants[arch], **kwargs)
+
+
+def init(model: nn.Module, rng, image_size: int = 224):
+    """Random variables {"params", "batch_stats"} for `model` (no compute: shapes only)."""
+    import jax
+
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return jax.jit(model.init)(rng, x)
+
+
+__all__ = [
+    "ARCHS",
+    "FAMILIES",
+    "BatchNorm",
+    "Family",
+    "adaptive_avg_pool2d",
+    "create",
+    "family",
+    "init",
+]

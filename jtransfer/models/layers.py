@@ -1,0 +1,132 @@
+"""Layers that compute exactly what their torch counterparts compute.
+
+Flax's stock BatchNorm updates the running variance with the biased batch
+variance; torch uses the unbiased one. Flax's pooling helpers take padding in
+the same form as torch, but adaptive average pooling has no Flax equivalent.
+Both live here so the model files stay about architecture only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Array = jax.Array
+Dtype = Any
+
+# torch.nn.BatchNorm2d defaults. torch's momentum 0.1 means
+# running = 0.9 * running + 0.1 * batch.
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.1
+
+
+class BatchNorm(nn.Module):
+    """torch.nn.BatchNorm2d over the last (channel) axis.
+
+    Normalises with the biased batch variance and updates `running var` with the
+    unbiased one (n / (n - 1)), as torch does. Statistics are computed in float32
+    whatever the compute dtype.
+
+    Attributes:
+        use_running_average: True -> eval mode (running statistics, no update).
+            A traced boolean scalar selects per call without re-compiling: the
+            batch statistics are computed and discarded where it is True, and the
+            running statistics are then returned unchanged, bit for bit.
+        dtype: output dtype.
+    """
+
+    use_running_average: bool | Array = False
+    epsilon: float = BN_EPS
+    momentum: float = BN_MOMENTUM
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+
+        static_eval = isinstance(self.use_running_average, bool) and self.use_running_average
+        if static_eval or self.is_initializing():
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            xf = x.astype(jnp.float32)
+            axes = tuple(range(x.ndim - 1))
+            batch_mean = jnp.mean(xf, axis=axes)
+            batch_var = jnp.mean(jnp.square(xf - batch_mean), axis=axes)
+            n = math.prod(x.shape[:-1])
+            unbiased = batch_var * (n / max(n - 1, 1))
+            new_mean = (1 - self.momentum) * ra_mean.value + self.momentum * batch_mean
+            new_var = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+            if isinstance(self.use_running_average, bool):
+                mean, var = batch_mean, batch_var
+            else:
+                frozen = self.use_running_average
+                mean = jnp.where(frozen, ra_mean.value, batch_mean)
+                var = jnp.where(frozen, ra_var.value, batch_var)
+                new_mean = jnp.where(frozen, ra_mean.value, new_mean)
+                new_var = jnp.where(frozen, ra_var.value, new_var)
+            if self.is_mutable_collection("batch_stats"):
+                ra_mean.value, ra_var.value = new_mean, new_var
+
+        # Same order of operations as torch's CPU kernel: fold the affine into
+        # one multiplier and one offset per channel.
+        mul = scale * jax.lax.rsqrt(var + self.epsilon)
+        add = bias - mean * mul
+        y = x.astype(jnp.float32) * mul + add
+        return y.astype(self.dtype)
+
+
+def max_pool_3x3_s2(x: Array) -> Array:
+    """torch.nn.MaxPool2d(3, stride=2, padding=1): pads with -inf, symmetric."""
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def max_pool_2x2(x: Array) -> Array:
+    """torch.nn.MaxPool2d(2, 2) as used by VGG (floor mode, no padding)."""
+    return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+
+
+def _adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """Averaging weights (out, in) with torch's bin edges.
+
+    torch's adaptive pooling bin i covers [floor(i*in/out), ceil((i+1)*in/out)).
+    """
+    m = np.zeros((out_size, in_size), np.float32)
+    for i in range(out_size):
+        start = (i * in_size) // out_size
+        end = -((-(i + 1) * in_size) // out_size)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+def adaptive_avg_pool2d(x: Array, output_size: tuple[int, int]) -> Array:
+    """torch.nn.AdaptiveAvgPool2d on an NHWC array, for any input size."""
+    n, h, w, c = x.shape
+    oh, ow = output_size
+    if (h, w) == (oh, ow):
+        return x
+    if h % oh == 0 and w % ow == 0:
+        # Equal, non-overlapping bins: a plain mean, as torch computes it.
+        return x.reshape(n, oh, h // oh, ow, w // ow, c).mean(axis=(2, 4))
+    ph = jnp.asarray(_adaptive_pool_matrix(h, oh), x.dtype)
+    pw = jnp.asarray(_adaptive_pool_matrix(w, ow), x.dtype)
+    return jnp.einsum("ih,nhwc,jw->nijc", ph, x, pw, precision=jax.lax.Precision.HIGHEST)
+
+
+def global_avg_pool(x: Array) -> Array:
+    """torch's AdaptiveAvgPool2d((1, 1)) followed by flatten."""
+    return jnp.mean(x, axis=(1, 2))
+
+
+# torchvision's initialisers, so that a model trained from scratch starts where
+# torchvision's would (kaiming_normal_ fan_out for convs).
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+head_init = nn.initializers.xavier_uniform()

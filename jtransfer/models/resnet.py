@@ -1,0 +1,162 @@
+"""torchvision's ResNet (v1.5: Bottleneck strides on its 3x3 conv) in Flax.
+
+Submodules are named so that the torch state_dict key follows from the Flax path
+by one rule (`layer1_0/downsample_0` <-> `layer1.0.downsample.0`); see
+`porting.torchvision`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jtransfer.models import _stages
+from jtransfer.models.layers import (
+    BatchNorm,
+    conv_init,
+    global_avg_pool,
+    head_init,
+    max_pool_3x3_s2,
+)
+
+Array = jax.Array
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "fc")
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs; ResNet-18/34."""
+
+    features: int
+    stride: int
+    conv: Any
+    norm: Any
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        identity = x
+        y = self.conv(self.features, (3, 3), (self.stride, self.stride), name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.conv(self.features, (3, 3), name="conv2")(y)
+        y = self.norm(name="bn2")(y)
+        if self.stride != 1 or x.shape[-1] != self.features:
+            identity = self.conv(
+                self.features, (1, 1), (self.stride, self.stride), padding=0, name="downsample_0"
+            )(x)
+            identity = self.norm(name="downsample_1")(identity)
+        return nn.relu(y + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (strided, v1.5) -> 1x1 x4; ResNet-50/101/152."""
+
+    features: int
+    stride: int
+    conv: Any
+    norm: Any
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        out = self.features * self.expansion
+        identity = x
+        y = self.conv(self.features, (1, 1), padding=0, name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.conv(self.features, (3, 3), (self.stride, self.stride), name="conv2")(y)
+        y = nn.relu(self.norm(name="bn2")(y))
+        y = self.conv(out, (1, 1), padding=0, name="conv3")(y)
+        y = self.norm(name="bn3")(y)
+        if self.stride != 1 or x.shape[-1] != out:
+            identity = self.conv(
+                out, (1, 1), (self.stride, self.stride), padding=0, name="downsample_0"
+            )(x)
+            identity = self.norm(name="downsample_1")(identity)
+        return nn.relu(y + identity)
+
+
+class ResNet(nn.Module):
+    """torchvision.models.ResNet.
+
+    Attributes:
+        stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
+        block_cls: BasicBlock or Bottleneck.
+        num_classes: rows of `fc`.
+        dtype: compute dtype (params stay float32; BatchNorm statistics float32).
+    """
+
+    stage_sizes: Sequence[int]
+    block_cls: type[nn.Module]
+    num_classes: int = 1000
+    dtype: Any = jnp.float32
+
+    stages = STAGES
+
+    def __call__(self, x: Array, train: bool = False, frozen_stages: int | Array = 0) -> Array:
+        """Logits (N, num_classes) for ImageNet-normalised NHWC images."""
+        return self._forward(x, train, frozen_stages, until="fc")["fc"]
+
+    def features(self, x: Array, train: bool = False, frozen_stages: int | Array = 0) -> Array:
+        """Pre-logits: the globally pooled layer4 output, (N, 512 or 2048)."""
+        return self._forward(x, train, frozen_stages, until="pool")["pool"]
+
+    def feature_maps(
+        self, x: Array, train: bool = False, frozen_stages: int | Array = 0
+    ) -> dict[str, Array]:
+        """Every stage's output by name: stem, layer1..layer4, pool, fc."""
+        return self._forward(x, train, frozen_stages, until="fc")
+
+    @nn.compact
+    def _forward(self, x, train, frozen_stages, until):
+        conv = partial(
+            nn.Conv,
+            use_bias=False,
+            padding=1,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=conv_init,
+        )
+
+        def norm(stage):
+            use_ra = _stages.bn_uses_running_average(train, frozen_stages, stage)
+            return partial(BatchNorm, use_running_average=use_ra, dtype=self.dtype)
+
+        out = {}
+        x = x.astype(self.dtype)
+        x = conv(64, (7, 7), (2, 2), padding=3, name="conv1")(x)
+        x = nn.relu(norm(0)(name="bn1")(x))
+        x = max_pool_3x3_s2(x)
+        out["stem"] = x = _stages.end_of_stage(x, frozen_stages, 0)
+        for i, n_blocks in enumerate(self.stage_sizes):
+            stage = i + 1
+            for j in range(n_blocks):
+                stride = 2 if stage > 1 and j == 0 else 1
+                x = self.block_cls(64 * 2**i, stride, conv, norm(stage), name=f"layer{stage}_{j}")(
+                    x
+                )
+            out[f"layer{stage}"] = x = _stages.end_of_stage(x, frozen_stages, stage)
+        out["pool"] = x = global_avg_pool(x)
+        if until == "pool":
+            return out
+        logits = nn.Dense(
+            self.num_classes,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=head_init,
+            name="fc",
+        )(x)
+        out["fc"] = logits.astype(jnp.float32)
+        return out
+
+
+VARIANTS = {
+    "resnet18": dict(stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock),
+    "resnet34": dict(stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock),
+    "resnet50": dict(stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck),
+    "resnet101": dict(stage_sizes=(3, 4, 23, 3), block_cls=Bottleneck),
+    "resnet152": dict(stage_sizes=(3, 8, 36, 3), block_cls=Bottleneck),
+}
