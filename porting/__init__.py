@@ -2,8 +2,8 @@
 
 Example:
     >>> import porting
-    >>> variables = porting.from_torchvision("resnet18.pth", "resnet18", num_classes=2)  # doctest: +SKIP
-    >>> sd = porting.to_torchvision(variables, "resnet18")                                # doctest: +SKIP
+    >>> v = porting.from_torchvision("r18.pth", "resnet18", num_classes=2)  # doctest: +SKIP
+    >>> sd = porting.to_torchvision(v, "resnet18")  # doctest: +SKIP
 """
 
 from jtransfer.errors import PortingError

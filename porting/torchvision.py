@@ -95,7 +95,7 @@ def _abstract(arch: str, num_classes: int) -> dict[tuple[str, ...], jax.ShapeDty
 
 
 def expected_keys(arch: str, num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
-    """{torch key: torch shape} that torchvision's `arch` state_dict has (less num_batches_tracked)."""
+    """{torch key: torch shape} of torchvision's `arch` state_dict, less num_batches_tracked."""
     fam = jt.models.family(arch)
     out = {}
     for path, sds in _abstract(arch, num_classes).items():

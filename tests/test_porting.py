@@ -23,7 +23,7 @@ import porting  # noqa: E402
 from porting.parity import randomize_batchnorm  # noqa: E402
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _resnet18_sd():
     torch.manual_seed(0)
     return randomize_batchnorm(torchvision.models.resnet18()).state_dict()
