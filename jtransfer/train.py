@@ -1,0 +1,420 @@
+"""Jit-compiled train and eval steps: `train_step(state, batch) -> (state, metrics)`.
+
+The BatchNorm policy has one meaning everywhere:
+
+* ``bn_policy="train"`` is torch's ``net.train()``: BatchNorm of the trainable
+  stages normalises with batch statistics and updates the running ones. Stages
+  frozen with a static ``frozen_stages=k`` run BatchNorm on running statistics,
+  keep their ``batch_stats`` bit-identical and stop the gradient at their end, so
+  no backward pass runs through them (torch: the frozen part in ``eval()`` mode
+  with ``requires_grad=False``).
+* ``bn_policy="frozen"`` is torch with every BatchNorm module in ``eval()``
+  mode: running statistics everywhere, ``batch_stats`` never change; dropout
+  and gradients are unaffected.
+
+``frozen_stages`` may also be a function of the step (gradual unfreezing). Its
+value is then traced: frozen stages still run BatchNorm on running statistics,
+but gradients are computed and must be zeroed by the optimizer (schedules in
+`jtransfer.partition`), so one compilation serves every phase.
+
+Batches are ``{"image": float32 (N, H, W, 3) ImageNet-normalised, "label": int32 (N,)}``.
+
+Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import jtransfer as jt
+    >>> from jtransfer import train
+    >>> model = jt.models.create("resnet18", num_classes=2)
+    >>> variables = jt.models.init(model, jax.random.PRNGKey(0), image_size=32)
+    >>> tx = optax.sgd(1e-3)
+    >>> state = train.create_train_state(model, variables, tx)
+    >>> step = train.make_train_step(model, tx)
+    >>> batch = {"image": jnp.zeros((2, 32, 32, 3)), "label": jnp.array([0, 1])}
+    >>> state, metrics = step(state, batch)
+    >>> int(state.step), int(metrics["count"])
+    (1, 2)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jtransfer.errors import ConfigError, NonFiniteLossError
+from jtransfer.models.layers import BatchNorm
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+Metrics = dict[str, Array]
+FrozenStages = int | Callable[[Array], Array]
+
+DATA_AXIS = "data"
+LOSS_REDUCTIONS = ("sum", "mean")
+BN_POLICIES = ("train", "frozen")
+# Metrics that add up over batches; `summarize` turns totals into means.
+SUMMABLE = ("loss_sum", "correct", "count")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a train step reads and writes; a pytree, so it can be checkpointed.
+
+    Attributes:
+        step: int32 scalar, number of steps taken.
+        params: the model parameters (float32).
+        batch_stats: BatchNorm running statistics.
+        opt_state: the optax optimizer state.
+        rng: PRNG key; step t uses `fold_in(rng, t)` (VGG dropout).
+    """
+
+    step: Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: Array
+
+
+def create_train_state(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    tx: optax.GradientTransformation,
+    seed: int = 0,
+    *,
+    mesh: Mesh | None = None,
+) -> TrainState:
+    """A TrainState at step 0 for `variables` of `model`.
+
+    The arrays are copied: train steps donate the state's buffers, and the
+    caller's `variables` must stay usable afterwards.
+
+    Args:
+        model: the flax module `variables` belong to (used to check their shapes).
+        variables: {"params": ..., "batch_stats": ...}, e.g. from `porting.from_torchvision`.
+        tx: the optimizer; its state is initialised here.
+        seed: seed of the state's PRNG key (dropout).
+        mesh: if given, the state is replicated over it (see `data_parallel_mesh`).
+
+    Returns:
+        The TrainState.
+
+    Raises:
+        ConfigError: the variables do not fit the model.
+    """
+    _check_fits(model, variables)
+    params = jax.tree.map(jnp.array, variables["params"])
+    batch_stats = jax.tree.map(jnp.array, variables.get("batch_stats", {}))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(seed),
+    )
+    if mesh is not None:
+        state = jax.device_put(state, NamedSharding(_check_mesh(mesh), P()))
+    return state
+
+
+def _check_fits(model: nn.Module, variables: Mapping[str, Any]) -> None:
+    if "params" not in variables:
+        raise ConfigError(
+            f"variables must be {{'params': ..., 'batch_stats': ...}}; got keys {sorted(variables)}"
+        )
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+    want = flax.traverse_util.flatten_dict(dict(expected), sep="/")
+    have = flax.traverse_util.flatten_dict(
+        {k: variables[k] for k in ("params", "batch_stats") if k in variables}, sep="/"
+    )
+    problems = [f"missing {k}" for k in want if k not in have]
+    problems += [f"unexpected {k}" for k in have if k not in want]
+    problems += [
+        f"{k}: shape {tuple(have[k].shape)}, the model needs {tuple(want[k].shape)}"
+        for k in want
+        if k in have and tuple(have[k].shape) != tuple(want[k].shape)
+    ]
+    if problems:
+        shown = problems[:10] + (
+            [f"... and {len(problems) - 10} more"] if len(problems) > 10 else []
+        )
+        raise ConfigError(
+            "the variables do not fit the model (was it created with the same arch and "
+            "num_classes?):\n  " + "\n  ".join(shown)
+        )
+
+
+def data_parallel_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:
+    """A 1-d mesh with axis "data" over `devices` (default: `jax.local_devices()`)."""
+    devices = list(devices) if devices is not None else jax.local_devices()
+    return Mesh(devices, (DATA_AXIS,))
+
+
+def _check_mesh(mesh: Mesh) -> Mesh:
+    if mesh.axis_names != (DATA_AXIS,):
+        raise ConfigError(
+            f"the mesh must have the single axis {DATA_AXIS!r}, got {mesh.axis_names}; "
+            "build it with jtransfer.train.data_parallel_mesh()"
+        )
+    return mesh
+
+
+def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, Array]:
+    """Places a batch on `mesh`, split along its first (batch) axis.
+
+    Args:
+        batch: {"image": (N, H, W, 3), "label": (N,)} host or device arrays.
+        mesh: a mesh from `data_parallel_mesh`.
+
+    Returns:
+        The batch as global arrays sharded with `NamedSharding(mesh, P("data"))`.
+
+    Raises:
+        ConfigError: N is not a multiple of the number of devices.
+    """
+    n_dev = _check_mesh(mesh).devices.size
+    n = len(batch["label"])
+    if n % n_dev:
+        raise ConfigError(
+            f"batch size {n} is not a multiple of the {n_dev} devices of the mesh; "
+            "use a batch size divisible by the device count (or drop the last batch)"
+        )
+    return jax.device_put(dict(batch), NamedSharding(mesh, P(DATA_AXIS)))
+
+
+def _bn_running_average_interceptor(next_fun, args, kwargs, context):
+    """Runs every BatchNorm on its running statistics, whatever the model asked for."""
+    bn = context.module
+    if not isinstance(bn, BatchNorm) or context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+    if isinstance(bn.use_running_average, bool) and bn.use_running_average:
+        return next_fun(*args, **kwargs)
+    # An unbound eval-mode copy applied to the bound layer's own variables: the
+    # gradient reaches its scale/bias as usual, and nothing is written back.
+    eval_bn = bn.clone(parent=None, use_running_average=True)
+    return eval_bn.apply(
+        {"params": bn.variables["params"], "batch_stats": bn.variables["batch_stats"]},
+        *args,
+        **kwargs,
+    )
+
+
+def _bn_context(bn_policy: str):
+    if bn_policy == "frozen":
+        return nn.intercept_methods(_bn_running_average_interceptor)
+    return contextlib.nullcontext()
+
+
+def _summable_metrics(logits: Array, labels: Array, per_example: Array) -> Metrics:
+    return {
+        "loss_sum": per_example.sum(),
+        "correct": jnp.sum(jnp.argmax(logits, axis=-1) == labels).astype(jnp.int32),
+        "count": jnp.asarray(labels.shape[0], jnp.int32),
+    }
+
+
+def _check_options(model, loss_reduction, bn_policy, frozen_stages) -> None:
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise ConfigError(
+            f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}"
+        )
+    if bn_policy not in BN_POLICIES:
+        raise ConfigError(f"bn_policy must be one of {BN_POLICIES}, got {bn_policy!r}")
+    n_stages = len(getattr(model, "stages", ()))
+    if isinstance(frozen_stages, bool) or not (
+        callable(frozen_stages) or isinstance(frozen_stages, int)
+    ):
+        raise ConfigError(
+            f"frozen_stages must be an int or a function of the step, got {frozen_stages!r}"
+        )
+    if isinstance(frozen_stages, int) and not 0 <= frozen_stages < max(n_stages, 1):
+        raise ConfigError(
+            f"frozen_stages={frozen_stages}: the model has {n_stages} stages "
+            f"{tuple(getattr(model, 'stages', ()))}; freeze 0..{n_stages - 1} of them "
+            "(the last one holds the head, which must stay trainable)"
+        )
+
+
+def _loss_fn(model, loss_reduction: str, bn_policy: str):
+    """(params, batch_stats, batch, rng, frozen_stages) -> (loss, (batch_stats, metrics))."""
+
+    def loss_fn(params, batch_stats, batch, rng, frozen_stages):
+        variables = {"params": params, "batch_stats": batch_stats}
+        with _bn_context(bn_policy):
+            logits, updates = model.apply(
+                variables,
+                batch["image"],
+                train=True,
+                frozen_stages=frozen_stages,
+                mutable=["batch_stats"],
+                rngs={"dropout": rng},
+            )
+        logits = logits.astype(jnp.float32)
+        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        # d2l sums (`l.sum().backward()`); torch's default is the mean.
+        loss = per_example.sum() if loss_reduction == "sum" else per_example.mean()
+        new_stats = batch_stats if bn_policy == "frozen" else updates["batch_stats"]
+        metrics = {"loss": loss, **_summable_metrics(logits, batch["label"], per_example)}
+        return loss, (new_stats, metrics)
+
+    return loss_fn
+
+
+def _jit(fn, mesh: Mesh | None, donate: bool):
+    kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
+    if mesh is not None:
+        # The state is replicated and the batch split: under jit that is plain
+        # data parallelism, with BatchNorm statistics over the global batch (as
+        # on one device) and the gradient all-reduce inserted by XLA.
+        replicated = NamedSharding(_check_mesh(mesh), P())
+        kwargs["in_shardings"] = (replicated, NamedSharding(mesh, P(DATA_AXIS)))
+        kwargs["out_shardings"] = replicated
+    return jax.jit(fn, **kwargs)
+
+
+def _grads_and_metrics(model, loss_reduction, bn_policy, frozen_stages, state, batch):
+    fs = frozen_stages
+    if callable(frozen_stages):
+        fs = jnp.asarray(frozen_stages(state.step), jnp.int32)
+    rng = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.grad(_loss_fn(model, loss_reduction, bn_policy), has_aux=True)
+    grads, (batch_stats, metrics) = grad_fn(state.params, state.batch_stats, batch, rng, fs)
+    return grads, batch_stats, metrics
+
+
+def _with_dtype(model: nn.Module, compute_dtype: Any) -> nn.Module:
+    return model if compute_dtype is None else model.clone(dtype=compute_dtype)
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    *,
+    loss_reduction: str = "sum",
+    bn_policy: str = "train",
+    frozen_stages: FrozenStages = 0,
+    compute_dtype: Any = None,
+    mesh: Mesh | None = None,
+    donate: bool = True,
+    return_grads: bool = False,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """A jit-compiled `train_step(state, batch) -> (state, metrics)`.
+
+    Args:
+        model: a module from `jt.models.create`.
+        tx: the optimizer the state was created with (e.g. `partition.make_optimizer`).
+        loss_reduction: "sum" (d2l: `l.sum().backward()`) or "mean" (torch's default)
+            over the batch of float32 softmax cross-entropies.
+        bn_policy: "train" (torch `net.train()`) or "frozen" (every BatchNorm on
+            running statistics); see the module docstring.
+        frozen_stages: a static int k freezes the first k stages (BatchNorm on
+            running statistics, no backward pass through them); a function of the
+            int32 step returning an int32 scalar changes k per step without
+            re-compiling (the optimizer must zero the frozen leaves' updates).
+        compute_dtype: e.g. jnp.bfloat16 to compute in bfloat16; parameters,
+            BatchNorm statistics, the loss and the optimizer stay float32.
+        mesh: data parallelism over a mesh from `data_parallel_mesh`: the batch is
+            split on its first axis (see `shard_batch`), the state replicated.
+        donate: donate the input state's buffers (the input state is unusable after).
+        return_grads: also return the gradient that was applied, as
+            `metrics["grads"]` (debugging and torch parity checks; costs memory).
+
+    Returns:
+        The jitted step. `metrics` has "loss" (the reduced loss that was
+        differentiated) and the summable "loss_sum", "correct", "count" (see
+        `summarize`); pass them to `check_finite` to stop on a NaN.
+    """
+    _check_options(model, loss_reduction, bn_policy, frozen_stages)
+    model = _with_dtype(model, compute_dtype)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        grads, batch_stats, metrics = _grads_and_metrics(
+            model, loss_reduction, bn_policy, frozen_stages, state, batch
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+        )
+        if return_grads:
+            metrics = {**metrics, "grads": grads}
+        return new_state, metrics
+
+    return _jit(train_step, mesh, donate)
+
+
+def make_eval_step(
+    model: nn.Module, mesh: Mesh | None = None, *, compute_dtype: Any = None
+) -> Callable[[TrainState, Batch], Metrics]:
+    """A jit-compiled `eval_step(state, batch) -> metrics` (BatchNorm on running statistics).
+
+    Args:
+        model: a module from `jt.models.create`.
+        mesh: as for `make_train_step`.
+        compute_dtype: as for `make_train_step`.
+
+    Returns:
+        The jitted step; metrics "loss" (mean over the batch) and the summable
+        "loss_sum", "correct", "count" (see `summarize`).
+    """
+    model = _with_dtype(model, compute_dtype)
+
+    def eval_step(state: TrainState, batch: Batch) -> Metrics:
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
+        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        metrics = _summable_metrics(logits, batch["label"], per_example)
+        return {"loss": per_example.mean(), **metrics}
+
+    return _jit(eval_step, mesh, donate=False)
+
+
+def summarize(metrics: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """Totals over batches of step metrics.
+
+    Args:
+        metrics: the metrics of several train or eval steps.
+
+    Returns:
+        {"loss": mean loss per example, "accuracy": top-1, "count": examples}.
+    """
+    totals = dict.fromkeys(SUMMABLE, 0.0)
+    for m in metrics:
+        for k in SUMMABLE:
+            totals[k] += float(m[k])
+    n = totals["count"]
+    return {
+        "loss": totals["loss_sum"] / n if n else math.nan,
+        "accuracy": totals["correct"] / n if n else math.nan,
+        "count": int(n),
+    }
+
+
+def check_finite(metrics: Mapping[str, Any], step: int | Array) -> None:
+    """Raises NonFiniteLossError if a step's loss is NaN or infinite.
+
+    Args:
+        metrics: what the train step returned.
+        step: the step those metrics belong to (for the message).
+
+    Raises:
+        NonFiniteLossError: naming the step and what to try.
+    """
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"the training loss is {loss} at step {int(step)}. The learning rate is "
+            "probably too high (note that a summed loss scales the gradient with the "
+            "batch size): lower it, e.g. 10x; also check the inputs are finite and "
+            "ImageNet-normalised, and try compute_dtype=None (float32) if you use bfloat16."
+        )
