@@ -1,0 +1,182 @@
+"""examples/hotdog.py end to end in a subprocess: local copies, and the offline DEMO."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jtransfer import data
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "hotdog.py"
+TINY = ["--epochs", "1", "--batch-size", "8", "--image-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def closed_port() -> int:
+    """A port on 127.0.0.1 that refuses connections: the network of every machine here."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, closed_port):
+    """Caches in a temporary folder, and every download URL pointing at the closed port."""
+    root = tmp_path_factory.mktemp("hotdog_env")
+    return {
+        **os.environ,
+        "JTRANSFER_CACHE": str(root / "cache"),
+        "TORCH_HOME": str(root / "torch"),
+        "JTRANSFER_HOTDOG_URL": f"http://127.0.0.1:{closed_port}/hotdog.zip",
+        "JTRANSFER_WEIGHTS_BASE_URL": f"http://127.0.0.1:{closed_port}/models",
+        # Both runs compile the same fine-tuning step: the second one reads it from disk.
+        "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
+        "MPLBACKEND": "Agg",
+    }
+
+
+def run_hotdog(args: list[str], env: dict[str, str], cwd: Path) -> list[str]:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,  # a safety net: a shared 2-core machine can be slow
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout.splitlines()
+
+
+@pytest.fixture(scope="module")
+def local_copies(tmp_path_factory):
+    """A small hotdog/train + hotdog/test tree and a random-weight torchvision resnet18 .pth."""
+    import torch
+    import torchvision
+
+    from porting.parity import randomize_batchnorm
+
+    root = tmp_path_factory.mktemp("hotdog_local")
+    for seed, (split, n) in enumerate((("train", 8), ("test", 4))):
+        data.make_demo_imagefolder(
+            root / "data" / "hotdog" / split, ("hotdog", "not-hotdog"), n, size=40, seed=seed
+        )
+    torch.manual_seed(0)
+    net = randomize_batchnorm(torchvision.models.resnet18(), seed=0)
+    torch.save(net.state_dict(), root / "resnet18-random.pth")
+    return root
+
+
+def test_local_data_and_weights_run_both_recipes(local_copies, env, tmp_path):
+    out = tmp_path / "out"
+    lines = run_hotdog(
+        [
+            "--data-dir",
+            str(local_copies / "data"),
+            "--weights",
+            str(local_copies / "resnet18-random.pth"),
+            "--out",
+            str(out),
+            *TINY,
+        ],
+        env,
+        tmp_path,
+    )
+    text = "\n".join(lines)
+    assert "OFFLINE" not in text and "DEMO" not in text  # nothing was needed from the network
+    assert "local images at" in text and "16 train / 8 test" in text
+    assert "not torchvision's resnet18-f37072fd.pth" in text
+    for run in ("fine-tune", "scratch"):
+        assert any(line.startswith(f"{run}: epoch 1/1: loss ") for line in lines), text
+        summary = next(line for line in lines if line.startswith(f"summary {run}:"))
+        # Honest labels: neither the data nor the weights are d2l's.
+        assert "NOT the d2l result" in summary and "not d2l's hot-dog set" in summary
+    assert lines[-1].startswith("done in ")
+
+    plot, history = out / "hotdog.png", out / "hotdog_history.json"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot: {plot}" in text
+    record = json.loads(history.read_text())
+    assert record["demo"] is False
+    assert record["data"]["kind"] == "local" and record["weights"]["kind"] == "local"
+    assert record["settings"]["epochs"] == 1 and record["settings"]["batch_size"] == 8
+    for run in ("fine-tune", "scratch"):
+        (entry,) = record["runs"][run]["history"]
+        assert entry["epoch"] == 1 and entry["train_count"] == 16 and entry["test_count"] == 8
+        assert 0 <= entry["test_acc"] <= 1 and entry["train_loss"] > 0
+
+
+def test_offline_says_what_failed_and_runs_the_labelled_demo(env, closed_port, tmp_path):
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--skip-scratch", "--demo-per-class", "8", "4", *TINY]
+    lines = run_hotdog(args, env, tmp_path)
+
+    offline = [line for line in lines if line.startswith("OFFLINE:")]
+    assert len(offline) == 1, lines  # one paragraph, one line
+    paragraph = offline[0]
+    assert f"http://127.0.0.1:{closed_port}/hotdog.zip" in paragraph
+    assert f"http://127.0.0.1:{closed_port}/models/resnet18-f37072fd.pth" in paragraph
+    assert "--data-dir" in paragraph and "--weights" in paragraph
+    assert "NOT the d2l result" in paragraph
+
+    after = lines[lines.index(paragraph) + 1 :]
+    assert after and all(line.startswith("DEMO | ") for line in after), after
+    text = "\n".join(after)
+    assert "porting.from_torchvision" in text and "NOT ImageNet-pretrained" in text
+    assert any(line.startswith("DEMO | settings: resnet18, 1 epochs, batch 8") for line in after)
+    assert any(line.startswith("DEMO | fine-tune: epoch 1/1: loss ") for line in after)
+    summary = next(line for line in after if "summary fine-tune" in line)
+    assert "NOT the d2l result" in summary and "0.941" not in summary
+    assert not any(line.startswith("DEMO | scratch") for line in after)  # --skip-scratch
+
+    assert (out / "demo_hotdog.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "hotdog.png").exists()  # a demo never writes over a real result
+    record = json.loads((out / "demo_hotdog_history.json").read_text())
+    assert record["demo"] is True and record["weights"]["kind"] == "demo"
+    assert [f["url"] for f in record["offline"]] == [
+        f"http://127.0.0.1:{closed_port}/hotdog.zip",
+        f"http://127.0.0.1:{closed_port}/models/resnet18-f37072fd.pth",
+    ]
+    assert list(record["runs"]) == ["fine-tune"]
+
+
+@pytest.fixture(scope="module")
+def hotdog():
+    """examples/hotdog.py as a module."""
+    spec = importlib.util.spec_from_file_location("hotdog_example", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_only_the_real_recipe_is_compared_with_d2l(hotdog, tmp_path):
+    real = hotdog.Source("hotdog", tmp_path, tmp_path, "d2l's", hotdog.CLASSES)
+    demo = hotdog.Source("demo", tmp_path, tmp_path, "generated", hotdog.CLASSES)
+    imagenet = hotdog.Weights("imagenet", None, "IMAGENET1K_V1")
+    random = hotdog.Weights("demo", None, "random")
+    history = [{"epoch": 5, "train_loss": 0.2, "train_acc": 0.9, "test_acc": 0.93}]
+    history[0]["examples_per_s"] = 300.0
+
+    for run in ("fine-tune", "scratch"):
+        assert hotdog.not_d2l_reasons(run, real, imagenet, hotdog.D2L) == []
+        assert "d2l publishes" in hotdog.summary_line(run, history, [])
+    # Real data without the ImageNet weights: the scratch baseline is still d2l's.
+    assert hotdog.not_d2l_reasons("scratch", real, random, hotdog.D2L) == []
+    reasons = hotdog.not_d2l_reasons("fine-tune", real, random, hotdog.D2L)
+    assert reasons == ["random weights, not ImageNet-pretrained"]
+    mixed = hotdog.Plan(real, random, hotdog.D2L, [], 0)
+    assert (mixed.run_tag("fine-tune"), mixed.run_tag("scratch")) == ("DEMO weights | ", "")
+
+    reasons = hotdog.not_d2l_reasons("scratch", demo, imagenet, hotdog.DEMO)
+    assert reasons[0] == "generated demo images, not hot-dog photos"
+    assert "settings differ: epochs 3 (d2l: 5)" in reasons[1]
+    line = hotdog.summary_line("scratch", history, reasons)
+    assert "NOT the d2l result" in line and "publishes" not in line
