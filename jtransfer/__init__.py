@@ -3,7 +3,7 @@
 `import jtransfer` never imports torch; converting torchvision weights lives in
 the separate `porting` package. Submodules: `models`, `heads`, `partition`
 (who trains how fast), `train` (jitted steps), and, imported on first use,
-`data`, `download`, `fit`, `checkpoint`.
+`data`, `download`, `fit`, `checkpoint`, `features`, `lr_find`, `cli`.
 """
 
 import importlib
@@ -24,7 +24,7 @@ from jtransfer.partition import Group, make_optimizer, rules_table
 __version__ = "0.1.0"
 
 # Loaded on first attribute access: they pull in grain, PIL, orbax or matplotlib.
-_LAZY = ("checkpoint", "cli", "data", "download", "fit", "train")
+_LAZY = ("checkpoint", "cli", "data", "download", "features", "fit", "lr_find", "train")
 
 
 def __getattr__(name):

@@ -1,0 +1,7 @@
+"""`python -m jtransfer`: see `jtransfer.cli`."""
+
+# The guard matters: data-loading workers start with `spawn`, which re-imports this module.
+if __name__ == "__main__":
+    from jtransfer.cli import main
+
+    raise SystemExit(main())

@@ -1,0 +1,860 @@
+"""`python -m jtransfer finetune | predict | export`: fine-tuning from the shell.
+
+`main(argv) -> exit code` is the whole CLI; `python -m jtransfer` calls it. Exit codes: 0 done,
+1 failure (one line on stderr saying what and what to do; `--debug` adds the traceback), 2
+usage error (argparse), 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint.
+
+Example:
+    $ python -m jtransfer finetune --data hotdog --arch resnet18 --weights IMAGENET1K_V1 \\
+          --freeze none --head-lr-mult 10 --epochs 5 --out runs/hotdog
+    $ python -m jtransfer predict --checkpoint runs/hotdog photo1.jpg photo2.jpg
+    $ python -m jtransfer export --checkpoint runs/hotdog --out hotdog_resnet18.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shlex
+import signal
+import sys
+import threading
+import traceback
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jtransfer.errors import CheckpointError, ConfigError, DataError, JTransferError
+
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+PROG = "python -m jtransfer"
+
+_DESCRIPTION = """\
+Fine-tune torchvision ResNet / VGG models in JAX, predict with them, export them back to
+PyTorch.
+
+  finetune  train on an ImageFolder dataset (DATA/train and DATA/test or DATA/val), saving
+            resumable checkpoints (Orbax) to --out
+  predict   classify images with a checkpoint directory
+  export    write a checkpoint as a torchvision state_dict (.pth)
+  lr-find   sweep the learning rate exponentially on your freezing rules and suggest one
+
+Run `%(prog)s COMMAND --help` for the options of each command.
+
+Exit codes: 0 success; 1 failure (one line on stderr; add --debug for the traceback);
+2 bad command line; 130 / 143 finetune stopped by Ctrl-C (SIGINT) / SIGTERM after saving a
+checkpoint -- run the same command again to resume.
+"""
+
+_FINETUNE_DESCRIPTION = """\
+Fine-tune a torchvision architecture on an image-folder dataset.
+
+DATA holds train/ and test/ (or val/), each with one sub-folder per class, as for
+torchvision.datasets.ImageFolder; both must have the same classes. The model's classifier
+(ResNet `fc`, VGG `classifier.6`) is replaced by a new one with one output per class
+(Xavier-uniform weight, zero bias), as in the d2l.ai hot-dog recipe.
+
+If you know the PyTorch way:
+  --weights IMAGENET1K_V1   torchvision.models.resnet50(weights="IMAGENET1K_V1"), or a local
+                            .pth state_dict path, or "none" for random initialisation
+  --freeze backbone         for p in net.parameters(): p.requires_grad = False, then a new
+                            net.fc (trainable): feature extraction. Frozen layers also keep
+                            their BatchNorm running statistics (as net.eval() would) and cost
+                            no backward pass. --freeze stem layer1 freezes just those stages
+                            (they must be the first ones); --freeze none trains everything.
+  --head-lr-mult 10         two optimizer param groups: [{"params": body, "lr": lr},
+                            {"params": net.fc.parameters(), "lr": lr * 10}]
+  --lr/--momentum/--weight-decay
+                            torch.optim.SGD(lr=..., momentum=..., weight_decay=...) with the
+                            same coupled weight decay; frozen layers never decay
+  --loss-reduction mean     nn.CrossEntropyLoss() (the mean over the batch); "sum" is d2l's
+                            l.sum().backward()
+  Training BatchNorm runs in train mode (net.train()); evaluation in eval mode.
+
+Checkpoints: --out gets a checkpoint at the end of every epoch (the best by test accuracy
+and the latest are kept) and every --save-every steps. Running the same command again with an
+--out that already holds a checkpoint of the same configuration resumes from it ("resuming
+from step N") and ends with exactly the parameters an uninterrupted run would have; a larger
+--epochs continues training. Ctrl-C (SIGINT) or SIGTERM saves a checkpoint, prints the command
+to resume, and exits with 130 or 143.
+"""
+
+_PREDICT_DESCRIPTION = """\
+Classify images with a finetune checkpoint directory (no PyTorch needed). Each image gets the
+checkpoint's evaluation transform (resize, center crop, ImageNet normalisation), then one line
+on stdout: PATH<TAB>CLASS<TAB>PROBABILITY. A directory argument means every image file under it.
+An unreadable image is reported on stderr and the others are still classified (exit code 1).
+"""
+
+_EXPORT_DESCRIPTION = """\
+Write a checkpoint as a torchvision state_dict:
+  net = torchvision.models.ARCH(num_classes=N)
+  net.load_state_dict(torch.load("model.pth", weights_only=True))   # strict=True works
+The class names (index order) are printed, and written next to the file as model.json.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors that end in a hint to --help (exit code 2, as argparse's)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of `python -m jtransfer`."""
+    from jtransfer import models
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog=PROG, description=_DESCRIPTION, formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    ft = sub.add_parser(
+        "finetune",
+        parents=[common],
+        help="fine-tune a model on an image folder",
+        description=_FINETUNE_DESCRIPTION,
+        formatter_class=fmt,
+    )
+    ft.add_argument(
+        "--data",
+        required=True,
+        metavar="DIR",
+        help="dataset folder with train/ and test/ (or val/) ImageFolder subfolders",
+    )
+    ft.add_argument(
+        "--arch",
+        default="resnet18",
+        choices=models.ARCHS,
+        metavar="ARCH",
+        help=f"architecture (default: resnet18): {', '.join(models.ARCHS)}",
+    )
+    ft.add_argument(
+        "--weights",
+        default="DEFAULT",
+        metavar="PATH|TAG|none",
+        help="starting weights: a local .pth/.safetensors state_dict, a torchvision "
+        "tag (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT; downloaded to torch's cache), "
+        "or none for random init (default: DEFAULT)",
+    )
+    ft.add_argument(
+        "--freeze",
+        nargs="+",
+        default=["none"],
+        metavar="WHAT",
+        help="none (train all; default), backbone (train only the new classifier), "
+        "or the first stages to freeze: ResNet stem layer1 .. layer4, VGG block1 .. "
+        "block5",
+    )
+    ft.add_argument(
+        "--head-lr-mult",
+        type=float,
+        default=10.0,
+        metavar="X",
+        help="learning-rate multiplier of the new classifier (default: 10)",
+    )
+    ft.add_argument(
+        "--lr", type=float, default=1e-3, help="base learning rate of SGD (default: 0.001)"
+    )
+    ft.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    ft.add_argument(
+        "--weight-decay",
+        type=float,
+        default=1e-4,
+        help="coupled L2 weight decay, as torch.optim.SGD (default: 1e-4)",
+    )
+    ft.add_argument(
+        "--loss-reduction",
+        choices=("mean", "sum"),
+        default="mean",
+        help="cross-entropy over the batch: mean (torch default) or sum (d2l)",
+    )
+    ft.add_argument("--batch-size", type=int, default=32, help="examples per step (default: 32)")
+    ft.add_argument("--epochs", type=int, default=5, help="epochs to train (default: 5)")
+    ft.add_argument(
+        "--image-size",
+        type=int,
+        default=224,
+        help="training crop / evaluation center-crop size (default: 224); the "
+        "evaluation resize is 256/224 of it, as Resize([256,256]) + CenterCrop(224)",
+    )
+    ft.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="data-loading worker processes (default: 0, decode in this process)",
+    )
+    ft.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="check every image first and leave out unreadable ones (listed) "
+        "instead of failing when one is reached",
+    )
+    ft.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="checkpoint directory (default: runs/ARCH); resumes if it already "
+        "holds a checkpoint of the same configuration",
+    )
+    ft.add_argument(
+        "--save-every",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="also save every STEPS steps (default: only at epoch ends)",
+    )
+    ft.add_argument(
+        "--keep-best",
+        type=int,
+        default=1,
+        metavar="K",
+        help="keep the K best checkpoints by test accuracy, besides the latest (default: 1)",
+    )
+    ft.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of shuffling, augmentation, head init and dropout (default: 0)",
+    )
+
+    pr = sub.add_parser(
+        "predict",
+        parents=[common],
+        help="classify images with a checkpoint",
+        description=_PREDICT_DESCRIPTION,
+        formatter_class=fmt,
+    )
+    pr.add_argument("--checkpoint", required=True, metavar="DIR", help="a finetune --out directory")
+    pr.add_argument(
+        "--which",
+        default="best",
+        metavar="best|latest|STEP",
+        help="which checkpoint: best by test accuracy (default), latest, or a step",
+    )
+    pr.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+
+    ex = sub.add_parser(
+        "export",
+        parents=[common],
+        help="write a checkpoint as a torchvision .pth state_dict",
+        description=_EXPORT_DESCRIPTION,
+        formatter_class=fmt,
+    )
+    ex.add_argument("--checkpoint", required=True, metavar="DIR", help="a finetune --out directory")
+    ex.add_argument(
+        "--which",
+        default="best",
+        metavar="best|latest|STEP",
+        help="which checkpoint: best by test accuracy (default), latest, or a step",
+    )
+    ex.add_argument("--out", required=True, metavar="FILE", help="the .pth file to write")
+
+    from jtransfer import lr_find
+
+    lr_find.add_parser(sub, parents=[common])
+    return parser
+
+
+# ---------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI; returns the exit code (see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    from jtransfer import lr_find
+
+    commands = {
+        "finetune": _finetune,
+        "predict": _predict,
+        "export": _export,
+        "lr-find": lr_find.run,
+    }
+    with warnings.catch_warnings(), _quiet_libraries(args.debug):
+        try:
+            return commands[args.command](args, argv)
+        except KeyboardInterrupt:
+            if args.debug:
+                traceback.print_exc()
+            print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+            return 128 + signal.SIGINT
+        except Exception as e:  # noqa: BLE001 - the CLI turns every error into one line
+            if args.debug:
+                traceback.print_exc()
+            print(f"{PROG} {args.command}: error: {_one_line(e)}", file=sys.stderr)
+            return EXIT_FAILURE
+
+
+_KNOWN = (JTransferError, OSError, MemoryError)
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, JTransferError) and e.strerror:
+        text = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    else:
+        text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    if not isinstance(e, _KNOWN):
+        text = f"unexpected {type(e).__name__}: {text} (a bug? rerun with --debug and report it)"
+    return text or type(e).__name__
+
+
+@contextlib.contextmanager
+def _quiet_libraries(debug: bool):
+    """Warnings as one `warning:` line each; absl (Orbax) logging only for errors.
+
+    Call inside `warnings.catch_warnings()`, which restores the warning settings; the absl
+    verbosity is restored here, so calling `main` in-process leaves no trace.
+    """
+    if debug:
+        yield
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    warnings.showwarning = show
+    warnings.simplefilter("default")
+    # Library chatter that is not about the user's run.
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from absl import logging as absl_logging
+
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
+
+
+# ---------------------------------------------------------------------------
+# finetune
+
+
+def _finetune(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    _check_finetune_args(args)
+    # From here on a first SIGINT / SIGTERM only sets a flag: an interrupt raised inside
+    # XLA compilation or an Orbax write can crash the process at exit.
+    with _SignalStop() as stopper:
+        return _run_finetune(args, argv, stopper)
+
+
+def _run_finetune(args: argparse.Namespace, argv: Sequence[str], stopper: _SignalStop) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    import jtransfer as jt
+    from jtransfer import checkpoint, data, fit, partition, train
+
+    out = Path(args.out or f"runs/{args.arch}").expanduser()
+    train_folder, test_folder = _dataset(Path(args.data).expanduser())
+    classes = train_folder.classes
+    num_classes = len(classes)
+    rules = freeze_rules(args.arch, args.freeze, args.head_lr_mult)
+    eval_resize = round(args.image_size * 256 / 224)
+    config = _config(args, classes)
+    metadata = {
+        "arch": args.arch,
+        "num_classes": num_classes,
+        "classes": classes,
+        "image_size": args.image_size,
+        "resize_size": [eval_resize, eval_resize],
+        "mean": list(data.IMAGENET_MEAN),
+        "std": list(data.IMAGENET_STD),
+        "config": config,
+    }
+    resuming = bool(checkpoint.checkpoint_steps(out))
+    if resuming:
+        _check_same_config(out, config)
+    ckpt = checkpoint.Checkpointer(
+        out,
+        max_to_keep=1,
+        best_metric="test_acc",
+        best_mode="max",
+        keep_best=args.keep_best,
+        save_interval_steps=args.save_every,
+        metadata=metadata,
+    )
+    hooks = _CheckpointHooks(ckpt, stopper)
+    try:
+        train_loader = data.make_loader(
+            train_folder,
+            batch_size=args.batch_size,
+            train=True,
+            seed=args.seed,
+            num_epochs=None,
+            worker_count=args.workers,
+            skip_bad_images=args.skip_bad_images,
+            image_size=args.image_size,
+        )
+        test_loader = data.make_loader(
+            test_folder,
+            batch_size=args.batch_size,
+            train=False,
+            skip_bad_images=args.skip_bad_images,
+            image_size=args.image_size,
+            resize_size=(eval_resize, eval_resize),
+            cache_eval=len(test_folder) * 3 * args.image_size**2 < 2**30,
+        )
+        for loader in (train_loader, test_loader):
+            if loader.bad_files:
+                print(
+                    f"skipped {len(loader.bad_files)} unreadable image(s) in {loader.folder.root}"
+                )
+        spe = hooks.steps_per_epoch = train_loader.steps_per_epoch
+        hooks.loader_template = json.loads(iter(train_loader).get_state())
+        print(
+            f"{args.arch}, {num_classes} classes ({', '.join(classes)}): "
+            f"{len(train_loader.samples)} training images ({spe} steps of {args.batch_size} "
+            f"per epoch), {len(test_loader.samples)} test images; checkpoints in {out}"
+        )
+        model = jt.models.create(args.arch, num_classes=num_classes)
+        optimizer = dict(
+            learning_rate=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+        )
+
+        def fresh_state(variables):
+            tx = partition.make_optimizer(variables["params"], rules, **optimizer)
+            return train.create_train_state(model, variables, tx, args.seed)
+
+        variables, state, restored = None, None, None
+        if resuming:
+            x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+            shapes = dict(jax.eval_shape(model.init, jax.random.PRNGKey(0), x))
+            restored = ckpt.restore_latest(jax.eval_shape(fresh_state, shapes))
+        if restored is None:
+            variables = initial_variables(args, model, num_classes)
+            print(partition.rules_table(variables["params"], rules))
+            ckpt.check_space(jax.eval_shape(fresh_state, variables))
+        else:
+            state = restored.state
+            done, index = divmod(restored.step, spe)
+            where = f"step {index} of epoch {done + 1}" if index else f"end of epoch {done}"
+            print(f"resuming from step {restored.step} ({where}; --epochs {args.epochs}) in {out}")
+            if restored.step >= args.epochs * spe:
+                print(f"already trained for {args.epochs} epochs; nothing to do.")
+                _print_next_steps(out)
+                return EXIT_OK
+        if stopper.signum is None:
+            fit.fit(
+                model,
+                variables,
+                rules,
+                train_loader,
+                test_loader,
+                epochs=args.epochs,
+                loss_reduction=args.loss_reduction,
+                seed=args.seed,
+                arch=args.arch,
+                log=print,
+                state=state,
+                loader_state=None if restored is None else restored.loader_state,
+                on_step_end=hooks.on_step_end,
+                on_epoch_end=hooks.on_epoch_end,
+                **optimizer,
+            )
+    except _Stopped:
+        pass
+    finally:
+        ckpt.close()
+    if stopper.signum is not None:
+        name = signal.Signals(stopper.signum).name
+        if hooks.saved_step is None:
+            saved = "before training started; nothing was saved"
+        else:
+            saved = f"at step {hooks.saved_step}; checkpoint saved in {out / str(hooks.saved_step)}"
+        again = "Resume" if hooks.saved_step is not None else "Start again"
+        print(
+            f"{PROG} finetune: stopped by {name} {saved}. {again} with: {PROG} {shlex.join(argv)}",
+            file=sys.stderr,
+        )
+        return 128 + stopper.signum
+    print(f"done: {hooks.summary()}; checkpoints in {out} (best: step {ckpt.best_step()})")
+    _print_next_steps(out)
+    return EXIT_OK
+
+
+class _Stopped(Exception):
+    """Raised from a fit hook to stop training after a signal (the checkpoint is saved)."""
+
+
+class _SignalStop:
+    """Turns the first SIGINT / SIGTERM into a flag checked between steps; a second one kills."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            # Second signal: quit now. os._exit, because unwinding from inside XLA or an
+            # Orbax write can crash; a save in flight leaves only a temporary directory.
+            print(f"\n{name} again: quitting without saving", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(128 + signum)
+        self.signum = signum
+        print(
+            f"\n{name} received: stopping after the current step and saving a checkpoint "
+            "(send it again to quit at once without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __enter__(self) -> _SignalStop:
+        if threading.current_thread() is threading.main_thread():  # signals need the main one
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class _CheckpointHooks:
+    """fit's on_step_end / on_epoch_end: interval saves, epoch-end saves, save-on-signal."""
+
+    def __init__(self, ckpt, stopper: _SignalStop) -> None:
+        self.ckpt = ckpt
+        self.stopper = stopper
+        self.steps_per_epoch = 0  # set once the loader is built
+        self.loader_template: dict[str, Any] = {}  # the loader's state minus its position
+        self.position: bytes | None = None
+        self.saved_step: int | None = None
+        self.best: tuple[float, int] | None = None
+        self.last: dict[str, Any] | None = None
+
+    def on_step_end(self, state, info) -> None:
+        # Batches are consumed one per step from batch 0 (or from a checkpoint saved with
+        # its step), so the loader's next batch is the step count; fit's own report of the
+        # position is used when it has one.
+        self.position = (
+            info.loader_state()
+            or json.dumps({**self.loader_template, "next_batch": info.step}).encode()
+        )
+        # The epoch's last step is saved by on_epoch_end, with the test metrics.
+        last_of_epoch = info.index + 1 == self.steps_per_epoch
+        if self.stopper.signum is not None:
+            self._save(state, info.epoch, force=True)
+            self.ckpt.wait_until_finished()
+            raise _Stopped
+        if not last_of_epoch and self.ckpt.should_save(info.step):
+            self._save(state, info.epoch, force=False)
+
+    def on_epoch_end(self, epoch: int, state, entry: dict[str, Any]) -> bool:
+        metrics = {
+            k: entry[k]
+            for k in ("test_acc", "test_loss", "train_acc", "train_loss")
+            if entry.get(k) is not None
+        }
+        self._save(state, epoch, force=True, metrics=metrics)
+        self.last = entry
+        if entry.get("test_acc") is not None and (
+            self.best is None or entry["test_acc"] >= self.best[0]  # ties: the later, as Orbax
+        ):
+            self.best = (entry["test_acc"], entry["step"])
+        if self.stopper.signum is not None:
+            self.ckpt.wait_until_finished()
+            return True
+        return False
+
+    def _save(self, state, epoch: int, *, force: bool, metrics=None) -> None:
+        if self.ckpt.save(
+            state, epoch=epoch, loader_state=self.position, metrics=metrics, force=force
+        ):
+            self.saved_step = int(state.step)
+
+    def summary(self) -> str:
+        if self.last is None:
+            return "no epoch run"
+        text = f"{self.last['epoch']} epochs, step {self.last['step']}"
+        if self.best is not None:
+            text += f", best test acc {self.best[0]:.3f} at step {self.best[1]}"
+        return text
+
+
+def _print_next_steps(out: Path) -> None:
+    print(f"predict: {PROG} predict --checkpoint {shlex.quote(str(out))} IMAGE...")
+    print(f"export:  {PROG} export --checkpoint {shlex.quote(str(out))} --out model.pth")
+
+
+def _check_finetune_args(args: argparse.Namespace) -> None:
+    positive = {
+        "--batch-size": args.batch_size,
+        "--epochs": args.epochs,
+        "--image-size": args.image_size,
+    }
+    bad = [f"{flag} {value}" for flag, value in positive.items() if value < 1]
+    if args.lr <= 0:
+        bad.append(f"--lr {args.lr}")
+    if args.save_every is not None and args.save_every < 1:
+        bad.append(f"--save-every {args.save_every}")
+    if args.workers < 0 or args.keep_best < 0 or args.seed < 0:
+        bad.append("--workers, --keep-best and --seed must be >= 0")
+    if bad:
+        raise ConfigError(f"invalid value(s): {', '.join(bad)}; these must be positive")
+    if args.image_size < 32:
+        raise ConfigError(f"--image-size {args.image_size} is too small: use 32 or more")
+
+
+def _dataset(root: Path):
+    from jtransfer import data
+
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise DataError(
+            f"--data {root} {what}; pass a folder holding train/ and test/ (or val/) image "
+            "folders (one sub-folder per class)"
+        )
+    train_dir = root / "train"
+    test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise DataError(
+            f"--data {root} must hold train/ and test/ (or val/) folders; it has "
+            f"{found or 'no sub-folders'}"
+        )
+    train_folder, test_folder = data.ImageFolder(train_dir), data.ImageFolder(test_dir)
+    data.check_same_classes(train_folder, test_folder)
+    return train_folder, test_folder
+
+
+def freeze_rules(arch: str, freeze: Sequence[str], head_lr_mult: float):
+    """--freeze and --head-lr-mult as a partition rule list (labels frozen/backbone/head)."""
+    from jtransfer import heads, partition
+
+    if head_lr_mult <= 0:
+        raise ConfigError(f"--head-lr-mult must be > 0, got {head_lr_mult}")
+    head = re.escape(heads.head_name(arch))
+    head_rx = rf"{head}/.*"
+    stages = list(partition.groups(arch))
+    freezable = stages[:-1]  # the last stage holds the new classifier
+    words = list(freeze)
+    if words == ["none"]:
+        return [
+            (rf"(?!{head}/).*", partition.Group("backbone", 1.0)),
+            (head_rx, partition.Group("head", head_lr_mult)),
+        ]
+    if words == ["backbone"]:
+        return [
+            (rf"(?!{head}/).*", partition.Group("backbone", frozen=True)),
+            (head_rx, partition.Group("head", head_lr_mult)),
+        ]
+    unknown = [w for w in words if w not in freezable]
+    if unknown:
+        raise ConfigError(
+            f"--freeze {' '.join(unknown)}: not a stage of {arch}; use none, backbone, or "
+            f"the first stages among: {' '.join(freezable)}"
+        )
+    prefix = freezable[: len(set(words))]
+    if set(words) != set(prefix):
+        raise ConfigError(
+            f"--freeze {' '.join(words)}: frozen stages must be the first ones (a frozen stage "
+            f"after a trained one would still need its backward pass); e.g. --freeze "
+            f"{' '.join(freezable[: freezable.index(words[-1]) + 1])}"
+        )
+    groups = partition.groups(arch)
+    frozen_rx = "|".join(f"(?:{groups[s]})" for s in prefix)
+    return [
+        (f"(?!{head}/)(?:{frozen_rx})", partition.Group("frozen", frozen=True)),
+        (f"(?!{head}/)(?!(?:{frozen_rx})$).*", partition.Group("backbone", 1.0)),
+        (head_rx, partition.Group("head", head_lr_mult)),
+    ]
+
+
+def _config(args: argparse.Namespace, classes: list[str]) -> dict[str, Any]:
+    """What must match for --out to be resumed (not --epochs, --workers, --save-every)."""
+    weights = args.weights
+    if weights.lower() != "none" and (os.sep in weights or Path(weights).suffix):
+        weights = str(Path(weights).expanduser().absolute())
+    return {
+        "data": str(Path(args.data).expanduser().absolute()),
+        "classes": classes,
+        "arch": args.arch,
+        "weights": weights,
+        "freeze": list(args.freeze),
+        "head_lr_mult": args.head_lr_mult,
+        "lr": args.lr,
+        "momentum": args.momentum,
+        "weight_decay": args.weight_decay,
+        "loss_reduction": args.loss_reduction,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "skip_bad_images": args.skip_bad_images,
+        "seed": args.seed,
+    }
+
+
+def _check_same_config(out: Path, config: dict[str, Any]) -> None:
+    from jtransfer import checkpoint
+
+    meta = None
+    for step in reversed(checkpoint.checkpoint_steps(out)):
+        try:
+            meta = checkpoint.read_metadata(out, step)
+            break
+        except CheckpointError:  # unreadable: restore_latest warns about it and skips it
+            continue
+    if meta is None:
+        return  # every checkpoint unreadable: restore_latest raises, listing why
+    saved = meta.get("config")
+    if saved is None:
+        raise CheckpointError(
+            f"--out {out} holds checkpoints not written by `{PROG} finetune`; choose another --out"
+        )
+    saved = json.loads(json.dumps(saved))
+    current = json.loads(json.dumps(config))
+    diff = [
+        f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}"
+        for k in sorted(set(saved) | set(current))
+        if saved.get(k) != current.get(k)
+    ]
+    if diff:
+        raise CheckpointError(
+            f"--out {out} holds a checkpoint of a different run ({'; '.join(diff)}); pass the "
+            "same options to resume it, or choose a new --out"
+        )
+
+
+def initial_variables(args: argparse.Namespace, model, num_classes: int):
+    import jax
+
+    import jtransfer as jt
+
+    if args.weights.lower() == "none":
+        return jt.models.init(model, jax.random.PRNGKey(args.seed), image_size=32)
+    import porting
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", porting.HeadReinitialized)
+        _, variables = porting.load_pretrained(
+            args.arch, args.weights, num_classes=num_classes, seed=args.seed
+        )
+    for w in caught:
+        if issubclass(w.category, porting.HeadReinitialized):
+            print(f"note: {' '.join(str(w.message).split())}")
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return variables
+
+
+# ---------------------------------------------------------------------------
+# predict / export
+
+
+def _which(text: str) -> str | int:
+    return int(text) if text.isdigit() else text
+
+
+def _image_paths(items: Sequence[str]) -> list[Path]:
+    from jtransfer import data
+
+    paths = []
+    for item in items:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            found = sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file() and f.name.lower().endswith(data.IMG_EXTENSIONS)
+            )
+            if not found:
+                raise DataError(f"{p} holds no image files ({', '.join(data.IMG_EXTENSIONS)})")
+            paths += found
+        else:
+            paths.append(p)
+    return paths
+
+
+def _predict(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import jax
+    import numpy as np
+
+    from jtransfer import checkpoint, data
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    paths = _image_paths(args.images)
+    model, variables, meta = checkpoint.load_for_inference(args.checkpoint, _which(args.which))
+    classes = meta.get("classes") or [str(i) for i in range(meta["num_classes"])]
+    crop = meta.get("image_size", 224)
+    resize = tuple(meta.get("resize_size", (256, 256)))
+    size = min(args.batch_size, len(paths))
+    probabilities = jax.jit(
+        lambda v, x: jax.nn.softmax(model.apply(v, x, train=False).astype("float32"), axis=-1)
+    )
+    failed = 0
+    for start in range(0, len(paths), size):
+        chunk, images = [], []
+        for path in paths[start : start + size]:
+            try:
+                img = data.load_image(path)
+            except DataError as e:
+                print(f"{PROG} predict: error: {_one_line(e)}", file=sys.stderr)
+                failed += 1
+                continue
+            chunk.append(path)
+            images.append(data.eval_transform(img, resize_size=resize, crop_size=crop))
+        if not chunk:
+            continue
+        x = np.zeros((size, *images[0].shape), np.float32)  # one batch shape: one compilation
+        x[: len(images)] = np.stack(images)
+        probs = np.asarray(probabilities(variables, x))[: len(chunk)]
+        for path, p in zip(chunk, probs, strict=True):
+            k = int(p.argmax())
+            print(f"{path}\t{classes[k]}\t{p[k]:.4f}", flush=True)
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _export(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from jtransfer import checkpoint
+
+    model, variables, meta = checkpoint.load_for_inference(args.checkpoint, _which(args.which))
+    import torch
+
+    import porting
+
+    out = Path(args.out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state_dict = porting.to_torchvision(variables, meta["arch"])
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(state_dict, tmp)
+    os.replace(tmp, out)
+    classes = meta.get("classes")
+    info = {
+        "arch": meta["arch"],
+        "num_classes": meta["num_classes"],
+        "classes": classes,
+        "image_size": meta.get("image_size"),
+        "resize_size": meta.get("resize_size"),
+        "mean": meta.get("mean"),
+        "std": meta.get("std"),
+        "checkpoint": str(Path(args.checkpoint).expanduser().absolute() / str(meta["step"])),
+    }
+    sidecar = out.with_suffix(".json")
+    sidecar.write_text(json.dumps(info, indent=2) + "\n")
+    print(f"wrote {out} (step {meta['step']} of {args.checkpoint}) and {sidecar}")
+    if classes:
+        print(f"classes (output index order): {', '.join(classes)}")
+    print(
+        f"load it: net = torchvision.models.{meta['arch']}(num_classes={meta['num_classes']}); "
+        f"net.load_state_dict(torch.load({str(out)!r}, weights_only=True))"
+    )
+    return EXIT_OK

@@ -1,0 +1,350 @@
+"""`python -m jtransfer finetune | predict | export`, end to end on tiny generated data."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jtransfer import checkpoint, cli, data, train
+
+torch = pytest.importorskip("torch")
+torchvision = pytest.importorskip("torchvision")
+from porting.parity import randomize_batchnorm  # noqa: E402
+
+# Tiny but real: 16 training images in 4 steps of 4, 8 test images, 32x32 crops.
+TRAIN_ARGS = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "4", "--epochs", "3"]
+TOTAL_STEPS = 12
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """cli.main in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def dataset(workdir) -> Path:
+    root = workdir / "data"
+    data.make_demo_imagefolder(root / "train", n_per_class=8, size=40, seed=0)
+    data.make_demo_imagefolder(root / "test", n_per_class=4, size=40, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(workdir) -> Path:
+    """A torchvision resnet18 with random weights and randomised BatchNorm statistics."""
+    torch.manual_seed(0)
+    path = workdir / "resnet18-random.pth"
+    torch.save(randomize_batchnorm(torchvision.models.resnet18()).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def weights_safetensors(weights) -> Path:
+    """The same tensors as safetensors: loading them needs no torch import (faster runs)."""
+    from safetensors.torch import save_file
+
+    path = weights.with_suffix(".safetensors")
+    save_file(torch.load(weights, weights_only=True), path)
+    return path
+
+
+def finetune_argv(dataset: Path, weights: Path, out: Path, *extra: str) -> list[str]:
+    return ["finetune", "--data", dataset, "--weights", weights, *TRAIN_ARGS, "--out", out, *extra]
+
+
+@pytest.fixture(scope="module")
+def subprocess_env(workdir) -> dict[str, str]:
+    """Runs of `python -m jtransfer` share compiled XLA programs through JAX's disk cache."""
+    return {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": str(workdir / "xla-cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+
+
+def python_m_jtransfer(argv, env, **kwargs) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "jtransfer", *map(str, argv)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def finetuned(dataset, weights, workdir, subprocess_env) -> tuple[Path, str]:
+    """One uninterrupted `python -m jtransfer finetune` run: its --out directory and stdout."""
+    out = workdir / "run"
+    run = python_m_jtransfer(finetune_argv(dataset, weights, out), subprocess_env, timeout=600)
+    assert run.returncode == 0, run.stderr
+    return out, run.stdout
+
+
+def test_finetune_trains_and_leaves_a_self_contained_checkpoint(finetuned, dataset):
+    out, stdout = finetuned
+    assert "resnet18, 2 classes (hotdog, not-hotdog)" in stdout
+    assert "fc` was re-initialised" in stdout  # the 1000-class head was replaced
+    for epoch in (1, 2, 3):
+        assert f"epoch {epoch}/3:" in stdout
+    assert "done:" in stdout and "python -m jtransfer predict --checkpoint" in stdout
+    assert checkpoint.checkpoint_steps(out)[-1] == TOTAL_STEPS
+    meta = checkpoint.read_metadata(out)
+    assert meta["arch"] == "resnet18" and meta["classes"] == ["hotdog", "not-hotdog"]
+    assert meta["image_size"] == 32
+
+
+def test_predict_prints_path_class_and_probability(finetuned, dataset):
+    out, _ = finetuned
+    images = sorted((dataset / "test" / "hotdog").iterdir())[:2]
+    code, stdout, stderr = run_cli("predict", "--checkpoint", out, *images)
+    assert code == 0, stderr
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 2
+    for line, image in zip(lines, images, strict=True):
+        path, label, prob = line.split("\t")
+        assert path == str(image)
+        assert label in ("hotdog", "not-hotdog")
+        assert 0.5 <= float(prob) <= 1.0
+
+
+def test_predict_reports_an_unreadable_image_and_classifies_the_rest(finetuned, dataset, tmp_path):
+    out, _ = finetuned
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    good = next((dataset / "test" / "hotdog").iterdir())
+    code, stdout, stderr = run_cli("predict", "--checkpoint", out, bad, good)
+    assert code == 1
+    assert len(stdout.strip().splitlines()) == 1 and str(good) in stdout
+    assert len(stderr.strip().splitlines()) == 1 and "broken.jpg" in stderr
+
+
+def test_export_loads_strictly_into_torchvision_with_the_same_logits(finetuned, dataset, tmp_path):
+    out, _ = finetuned
+    pth = tmp_path / "model.pth"
+    code, stdout, stderr = run_cli("export", "--checkpoint", out, "--which", "latest", "--out", pth)
+    assert code == 0, stderr
+    assert "hotdog, not-hotdog" in stdout
+    assert json.loads(pth.with_suffix(".json").read_text())["classes"] == ["hotdog", "not-hotdog"]
+
+    net = torchvision.models.resnet18(num_classes=2)
+    net.load_state_dict(torch.load(pth, weights_only=True), strict=True)
+    net.eval()
+    model, variables, meta = checkpoint.load_for_inference(out, "latest")
+    image = data.load_image(next((dataset / "test" / "not-hotdog").iterdir()))
+    x = data.eval_transform(image, resize_size=tuple(meta["resize_size"]), crop_size=32)[None]
+    jax_logits = np.asarray(model.apply(variables, x, train=False))
+    with torch.no_grad():
+        torch_logits = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    np.testing.assert_allclose(jax_logits, torch_logits, atol=1e-4, rtol=0)
+
+
+def test_rerunning_a_finished_run_resumes_and_has_nothing_to_do(finetuned, dataset, weights):
+    out, _ = finetuned
+    code, stdout, _ = run_cli(*finetune_argv(dataset, weights, out))
+    assert code == 0
+    assert f"resuming from step {TOTAL_STEPS}" in stdout and "nothing to do" in stdout
+
+
+def test_resuming_with_other_options_is_refused(finetuned, dataset, weights):
+    out, _ = finetuned
+    code, stdout, stderr = run_cli(*finetune_argv(dataset, weights, out, "--lr", "0.5"))
+    assert code == 1
+    assert stderr.count("\n") == 1
+    assert "different run" in stderr and "lr: saved 0.001, now 0.5" in stderr
+    assert "epoch" not in stdout
+
+
+def test_help_speaks_pytorch():
+    code, stdout, _ = run_cli("finetune", "--help")
+    assert code == 0
+    stdout = " ".join(stdout.split())
+    for text in (
+        "requires_grad = False",
+        "--freeze backbone",
+        "param groups",
+        "--head-lr-mult",
+        "torch.optim.SGD",
+        "resuming from step",
+        "130",
+    ):
+        assert text in stdout
+    code, stdout, _ = run_cli("--help")
+    assert code == 0 and "Exit codes" in stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["finetune"],  # --data is required
+        ["finetune", "--data", "x", "--arch", "resnet19"],
+        ["finetune", "--data", "x", "--epochs", "two"],
+        ["predict", "--checkpoint", "x"],  # no images
+        ["export", "--checkpoint", "x"],  # no --out
+        ["train"],
+    ],
+)
+def test_usage_errors_exit_2(argv):
+    code, _, stderr = run_cli(*argv)
+    assert code == 2
+    assert "usage:" in stderr
+
+
+def _one_line_error(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def test_missing_data_dir_exits_1_with_one_line(tmp_path):
+    code, stdout, stderr = run_cli("finetune", "--data", tmp_path / "nope", "--out", tmp_path)
+    assert code == 1
+    line = _one_line_error(stderr)
+    assert "nope does not exist" in line and "train/ and test/" in line
+
+
+def test_data_without_test_split_exits_1(tmp_path):
+    data.make_demo_imagefolder(tmp_path / "d" / "train", n_per_class=1, size=16)
+    code, _, stderr = run_cli("finetune", "--data", tmp_path / "d", "--out", tmp_path / "o")
+    assert code == 1
+    assert "must hold train/ and test/ (or val/)" in _one_line_error(stderr)
+
+
+def test_mismatched_classes_exit_1_naming_them(tmp_path):
+    data.make_demo_imagefolder(tmp_path / "d" / "train", ["cat", "dog"], n_per_class=1, size=16)
+    data.make_demo_imagefolder(tmp_path / "d" / "val", ["cat", "emu"], n_per_class=1, size=16)
+    code, _, stderr = run_cli("finetune", "--data", tmp_path / "d", "--out", tmp_path / "o")
+    assert code == 1
+    line = _one_line_error(stderr)
+    assert "['dog']" in line and "['emu']" in line
+
+
+def test_unwritable_out_exits_1_before_training(dataset, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, stdout, stderr = run_cli(
+        "finetune", "--data", dataset, "--weights", "none", *TRAIN_ARGS, "--out", blocker / "out"
+    )
+    assert code == 1
+    assert "cannot write checkpoints" in _one_line_error(stderr)
+    assert "epoch" not in stdout
+
+
+def test_bad_freeze_and_missing_checkpoint_exit_1(dataset, tmp_path):
+    code, _, stderr = run_cli(
+        "finetune", "--data", dataset, "--freeze", "layer2", "--out", tmp_path / "o"
+    )
+    assert code == 1 and "must be the first ones" in _one_line_error(stderr)
+    code, _, stderr = run_cli("predict", "--checkpoint", tmp_path / "none", "x.jpg")
+    assert code == 1 and "does not exist" in _one_line_error(stderr)
+
+
+@pytest.mark.parametrize(
+    ("freeze", "labels"),
+    [
+        (["none"], {"backbone": False, "head": False}),
+        (["backbone"], {"backbone": True, "head": False}),
+        (["stem", "layer1"], {"frozen": True, "backbone": False, "head": False}),
+    ],
+)
+def test_freeze_options_become_rules(freeze, labels):
+    from jtransfer import partition
+
+    rules = cli.freeze_rules("resnet18", freeze, 10.0)
+    groups = {g.name: g for _, g in rules}
+    assert {name: g.is_frozen for name, g in groups.items()} == labels
+    assert groups["head"].lr_mult == 10.0
+    partition.label_params(partition._abstract_params("resnet18"), rules)  # covers all once
+    expected_prefix = {"none": 0, "backbone": 5, "layer1": 2}[freeze[-1]]
+    assert partition.frozen_prefix("resnet18", rules) == expected_prefix
+
+
+def test_a_signal_during_training_saves_then_stops(tmp_path):
+    """The first SIGTERM is a flag; the next step end saves a checkpoint and stops training."""
+    ckpt = checkpoint.Checkpointer(tmp_path, best_metric=None)
+    with cli._SignalStop() as stopper:
+        hooks = cli._CheckpointHooks(ckpt, stopper)
+        hooks.steps_per_epoch = 10
+
+        class Info:
+            epoch, index, step = 0, 2, 3
+
+            @staticmethod
+            def loader_state():
+                return b'{"next_batch": 3}'
+
+        state = train.TrainState(
+            step=jnp.asarray(3, jnp.int32),
+            params={"fc": {"kernel": jnp.ones((4, 2))}},
+            batch_stats={},
+            opt_state=(),
+            rng=jax.random.PRNGKey(0),
+        )
+        hooks.on_step_end(state, Info)  # no signal yet: nothing saved (no interval)
+        assert ckpt.all_steps() == []
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert stopper.signum == signal.SIGTERM
+        with pytest.raises(cli._Stopped):
+            hooks.on_step_end(state, Info)
+    assert signal.getsignal(signal.SIGTERM) is not stopper._handle
+    restored = ckpt.restore_latest(checkpoint.abstract_state(state))
+    assert restored.step == 3 and restored.loader_state == b'{"next_batch": 3}'
+    ckpt.close()
+
+
+def _complete_steps(out: Path) -> list[int]:
+    if not out.is_dir():
+        return []
+    return [int(p.name) for p in out.iterdir() if p.name.isdigit()]
+
+
+def test_sigkill_then_rerun_ends_bit_identical_to_an_uninterrupted_run(
+    finetuned, dataset, weights_safetensors, workdir, subprocess_env
+):
+    out = workdir / "killed"
+    argv = finetune_argv(dataset, weights_safetensors, out, "--save-every", "3")
+    command = [sys.executable, "-m", "jtransfer", *map(str, argv)]
+    first = subprocess.Popen(
+        command, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 300
+    while not _complete_steps(out) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)  # no handler, no cleanup: as a crash or an OOM kill
+    _, err = first.communicate()
+    assert first.returncode == -signal.SIGKILL, err.decode()
+    killed_at = max(_complete_steps(out))
+    assert 1 <= killed_at < TOTAL_STEPS
+
+    second = python_m_jtransfer(argv, subprocess_env, timeout=300)
+    assert second.returncode == 0, second.stderr
+    resumed = int(second.stdout.split("resuming from step ")[1].split()[0])
+    assert killed_at <= resumed < TOTAL_STEPS
+
+    # Everything: params, batch_stats, optimizer state, step and rng key.
+    import orbax.checkpoint as ocp
+
+    reader = ocp.StandardCheckpointer()
+    expected = reader.restore(finetuned[0] / str(TOTAL_STEPS) / "state")
+    actual = reader.restore(out / str(TOTAL_STEPS) / "state")
+    assert jax.tree_util.tree_structure(expected) == jax.tree_util.tree_structure(actual)
+    for x, y in zip(jax.tree.leaves(expected), jax.tree.leaves(actual), strict=True):
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
