@@ -889,7 +889,13 @@ def make_loader(
         for path, reason in bad:
             logger.warning("Skipping unreadable image %s: %s", path, reason)
         if not samples:
-            raise DataError(f"No readable image left in {folder.root}: all {len(bad)} failed.")
+            shown = "; ".join(f"{path} ({reason})" for path, reason in bad[:3])
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise DataError(
+                f"no readable image left in {folder.root}: all {len(bad)} failed, e.g. "
+                f"{shown}{more}. Replace or delete the broken files, or check that --data "
+                "points at the right folder."
+            )
 
     shard_index, shard_count, shard_drop = 0, 1, False
     if shard_options is not None:

@@ -96,12 +96,19 @@ def _abstract(arch: str, num_classes: int) -> dict[tuple[str, ...], jax.ShapeDty
 
 def expected_keys(arch: str, num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
     """{torch key: torch shape} of torchvision's `arch` state_dict, less num_batches_tracked."""
-    fam = jt.models.family(arch)
     out = {}
     for path, sds in _abstract(arch, num_classes).items():
-        dummy = np.empty(sds.shape, np.float32)
-        out[torch_key(path)] = _to_torch(dummy, path, fam).shape
+        out[torch_key(path)] = _torch_shape(tuple(sds.shape), path)
     return out
+
+
+def _torch_shape(shape: tuple[int, ...], flax_path: tuple[str, ...]) -> tuple[int, ...]:
+    """The torch shape of a Flax leaf, without materialising it (VGG's fc6 is 400 MB)."""
+    if flax_path[-1] == "kernel" and len(shape) == 4:
+        return (shape[3], shape[2], shape[0], shape[1])
+    if flax_path[-1] == "kernel" and len(shape) == 2:
+        return (shape[1], shape[0])  # also for a permuted flatten: (out, C*H*W)
+    return shape
 
 
 def _head_rows(sd: Mapping[str, np.ndarray], arch: str) -> int | None:
@@ -160,7 +167,7 @@ def from_torchvision(
             continue
         value = _to_flax(sd[key], path, fam)
         if value.shape != tuple(sds.shape):
-            torch_shape = _to_torch(np.empty(sds.shape), path, fam).shape
+            torch_shape = _torch_shape(tuple(sds.shape), path)
             mis_shaped.append(
                 f"{key}: checkpoint {tuple(sd[key].shape)}, {arch} needs {torch_shape}"
             )
