@@ -115,7 +115,7 @@ def abstract_state(state: Any) -> Any:
     Returns:
         The same pytree of `jax.ShapeDtypeStruct`s; numpy leaves get the default device.
     """
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def one(x):
         sharding = getattr(x, "sharding", None) or default

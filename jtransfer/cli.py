@@ -227,6 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="seed of shuffling, augmentation, head init and dropout (default: 0)",
     )
+    dist = ft.add_argument_group(
+        "multi-process training (jax.distributed)",
+        "Run the same command once per process (e.g. per host or GPU), adding its "
+        "--process-id; --batch-size stays the global batch, and each process loads its share "
+        "of it. Only process 0 prints. The settings may also come from JTRANSFER_COORDINATOR, "
+        "JTRANSFER_NUM_PROCESSES and JTRANSFER_PROCESS_ID.",
+    )
+    dist.add_argument(
+        "--coordinator", metavar="HOST:PORT", help="address of process 0 (any free port)"
+    )
+    dist.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    dist.add_argument("--process-id", type=int, metavar="I", help="this process, 0 .. N-1")
+    dist.add_argument(
+        "--distributed-auto",
+        action="store_true",
+        help="let JAX detect the cluster (SLURM, Open MPI, Cloud TPU pod slices)",
+    )
 
     pr = sub.add_parser(
         "predict",
@@ -349,10 +366,19 @@ def _quiet_libraries(debug: bool):
 
 def _finetune(args: argparse.Namespace, argv: Sequence[str]) -> int:
     _check_finetune_args(args)
+    from jtransfer import distributed
+
+    multi = distributed.initialize(
+        args.coordinator, args.num_processes, args.process_id, auto=args.distributed_auto
+    )
     # From here on a first SIGINT / SIGTERM only sets a flag: an interrupt raised inside
     # XLA compilation or an Orbax write can crash the process at exit.
-    with _SignalStop() as stopper:
-        return _run_finetune(args, argv, stopper)
+    with contextlib.ExitStack() as stack:
+        if multi and not distributed.is_main():  # only process 0 prints; errors still show
+            stack.enter_context(
+                contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w")))
+            )
+        return _run_finetune(args, argv, stack.enter_context(_SignalStop()))
 
 
 def _run_finetune(args: argparse.Namespace, argv: Sequence[str], stopper: _SignalStop) -> int:
@@ -360,8 +386,14 @@ def _run_finetune(args: argparse.Namespace, argv: Sequence[str], stopper: _Signa
     import jax.numpy as jnp
 
     import jtransfer as jt
-    from jtransfer import checkpoint, data, fit, partition, train
+    from jtransfer import checkpoint, data, distributed, fit, partition, train
 
+    n_proc = jax.process_count()
+    if args.batch_size % n_proc:
+        raise ConfigError(
+            f"--batch-size {args.batch_size} (the global batch) must be a multiple of the "
+            f"{n_proc} processes"
+        )
     out = Path(args.out or f"runs/{args.arch}").expanduser()
     train_folder, test_folder = _dataset(Path(args.data).expanduser())
     classes = train_folder.classes
@@ -395,13 +427,14 @@ def _run_finetune(args: argparse.Namespace, argv: Sequence[str], stopper: _Signa
     try:
         train_loader = data.make_loader(
             train_folder,
-            batch_size=args.batch_size,
+            batch_size=args.batch_size // n_proc,
             train=True,
             seed=args.seed,
             num_epochs=None,
             worker_count=args.workers,
             skip_bad_images=args.skip_bad_images,
             image_size=args.image_size,
+            shard_options=distributed.process_shard_options() if n_proc > 1 else None,
         )
         test_loader = data.make_loader(
             test_folder,
@@ -451,7 +484,7 @@ def _run_finetune(args: argparse.Namespace, argv: Sequence[str], stopper: _Signa
                 print(f"already trained for {args.epochs} epochs; nothing to do.")
                 _print_next_steps(out)
                 return EXIT_OK
-        if stopper.signum is None:
+        if not hooks.stop_requested():
             fit.fit(
                 model,
                 variables,
@@ -464,7 +497,9 @@ def _run_finetune(args: argparse.Namespace, argv: Sequence[str], stopper: _Signa
                 arch=args.arch,
                 log=print,
                 state=state,
-                loader_state=None if restored is None else restored.loader_state,
+                loader_state=None
+                if restored is None
+                else distributed.local_loader_state(restored.loader_state),
                 on_step_end=hooks.on_step_end,
                 on_epoch_end=hooks.on_epoch_end,
                 **optimizer,
@@ -551,7 +586,7 @@ class _CheckpointHooks:
         )
         # The epoch's last step is saved by on_epoch_end, with the test metrics.
         last_of_epoch = info.index + 1 == self.steps_per_epoch
-        if self.stopper.signum is not None:
+        if self.stop_requested():
             self._save(state, info.epoch, force=True)
             self.ckpt.wait_until_finished()
             raise _Stopped
@@ -570,10 +605,24 @@ class _CheckpointHooks:
             self.best is None or entry["test_acc"] >= self.best[0]  # ties: the later, as Orbax
         ):
             self.best = (entry["test_acc"], entry["step"])
-        if self.stopper.signum is not None:
+        if self.stop_requested():
             self.ckpt.wait_until_finished()
             return True
         return False
+
+    def stop_requested(self) -> bool:
+        """True once a signal arrived; in a multi-process run, at any process (all agree)."""
+        import jax
+
+        if jax.process_count() > 1:
+            import numpy as np
+            from jax.experimental import multihost_utils
+
+            # Every process must stop (and save) at the same step, or the collectives hang.
+            signums = multihost_utils.process_allgather(np.int32(self.stopper.signum or 0))
+            if self.stopper.signum is None and np.max(signums) > 0:
+                self.stopper.signum = int(np.max(signums))
+        return self.stopper.signum is not None
 
     def _save(self, state, epoch: int, *, force: bool, metrics=None) -> None:
         if self.ckpt.save(

@@ -548,10 +548,16 @@ class _EpochBatches(grain.MapDataset):
         self._seed = seed
         self._shard_index = shard_index
         self._shard_count = shard_count
-        per_shard = len(range(shard_index, num_examples, shard_count))
+        # Shard p serves block p of every run of shard_count blocks of batch_size examples:
+        # its batch g is rows [p * batch_size, (p + 1) * batch_size) of the global batch g of
+        # batch_size * shard_count examples, so the hosts' batches concatenated in shard order
+        # are exactly the batches of one host with the global batch size.
+        self._shard_of = (np.arange(num_examples) // batch_size) % shard_count
+        per_shard = int(np.sum(self._shard_of == shard_index))
         if shard_drop_remainder:
-            # Every host must run the same number of steps, or collectives hang.
-            per_shard = num_examples // shard_count
+            # Every host must run the same number of steps, or collectives hang: the last
+            # shard has the fewest examples.
+            per_shard = int(np.sum(self._shard_of == shard_count - 1))
         self._per_shard = per_shard
         self._num_batches = (
             per_shard // batch_size if drop_remainder else -(-per_shard // batch_size)
@@ -567,9 +573,9 @@ class _EpochBatches(grain.MapDataset):
         """This shard's sample indices for ``epoch``, in the order they are served."""
         order = np.arange(self._num_examples)
         if self._shuffle:
-            # All hosts draw the same permutation and take disjoint strided slices of it.
+            # All hosts draw the same permutation and take disjoint blocks of it.
             order = np.random.default_rng([_SHUFFLE_STREAM, self._seed, epoch]).permutation(order)
-        return order[self._shard_index :: self._shard_count][: self._per_shard]
+        return order[self._shard_of == self._shard_index][: self._per_shard]
 
     def __getitem__(self, index: int | slice) -> Any:
         if isinstance(index, slice):
@@ -853,8 +859,11 @@ def make_loader(
         resize_size: the evaluation resize before the center crop, as in `resize`; the
             default ``(256, 256)`` is d2l's ``Resize([256, 256])``.
         shard_options: grain ``ShardOptions`` for multi-host data parallelism (e.g.
-            ``grain.sharding.ShardByJaxProcess(drop_remainder=True)``): each host serves a
-            disjoint strided slice of every epoch.
+            ``grain.sharding.ShardByJaxProcess(drop_remainder=True)``, or
+            `jtransfer.distributed.process_shard_options()`): host ``p`` of ``n`` serves, of
+            each run of ``n * batch_size`` examples of the epoch's order, the ``p``-th block of
+            ``batch_size``, so the hosts' batches together are the batches of one host with
+            batch size ``n * batch_size``, in the same order.
         cache_eval: evaluation only: decode, resize and crop every image once, at construction,
             and keep the uint8 pixels in memory, so later passes (epochs) only normalise.
             Batches are then served from this process and ``worker_count`` is not used.

@@ -3,8 +3,9 @@
 `fit` is what `examples/hotdog.py` and `python -m jtransfer finetune` run. It builds the
 optimizer from the rules (`partition.make_optimizer`), freezes a frozen prefix statically
 (`partition.frozen_prefix`: no backward pass through it, BatchNorm on running statistics),
-and runs the jitted steps of `jtransfer.train` data-parallel over every local device, with the
-next batches copied to the devices while the current step runs.
+and runs the jitted steps of `jtransfer.train` data-parallel over every device (of every process
+in a `jtransfer.distributed` run), with the next batches copied to the devices while the current
+step runs.
 
 Each epoch gives one history entry (a dict), the numbers d2l prints:
 
@@ -34,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import json
@@ -187,7 +189,11 @@ def _batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(train.DATA_AXIS))
 
 
-def _check_divisible(batch: Mapping[str, Any], n_dev: int) -> dict[str, Any]:
+def _check_divisible(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
+    if jax.process_count() > 1:
+        # This process's part of the global batch; the prefetcher's device_put keeps it.
+        return train.shard_batch(batch, mesh)
+    n_dev = mesh.devices.size
     n = len(batch["label"])
     if n % n_dev:
         raise ConfigError(
@@ -198,20 +204,20 @@ def _check_divisible(batch: Mapping[str, Any], n_dev: int) -> dict[str, Any]:
     return dict(batch)
 
 
-def _divisible(batches: Iterable[Mapping[str, Any]], n_dev: int) -> Iterator[dict[str, Any]]:
+def _divisible(batches: Iterable[Mapping[str, Any]], mesh: Mesh) -> Iterator[dict[str, Any]]:
     for batch in batches:
-        yield _check_divisible(batch, n_dev)
+        yield _check_divisible(batch, mesh)
 
 
 class _DivisibleWithState(Iterator[dict[str, Any]]):
     """`_divisible` over a loader iterator, keeping its get_state() and close()."""
 
-    def __init__(self, source: data.LoaderIterator, n_dev: int) -> None:
+    def __init__(self, source: data.LoaderIterator, mesh: Mesh) -> None:
         self._source = source
-        self._n_dev = n_dev
+        self._mesh = mesh
 
     def __next__(self) -> dict[str, Any]:
-        return _check_divisible(next(self._source), self._n_dev)
+        return _check_divisible(next(self._source), self._mesh)
 
     def get_state(self) -> bytes:
         return self._source.get_state()
@@ -280,17 +286,32 @@ def _cached_logits_fn(model: nn.Module, devices: tuple, axis_names: tuple, compu
     )
 
 
+def _global_copy(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
+    """A batch every process holds whole, as global arrays, with no communication."""
+    return {
+        k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+        for k, v in batch.items()
+    }
+
+
 def _run_eval(logits_fn, variables, loader, mesh: Mesh) -> dict[str, Any]:
     """Loss and accuracy over a loader; the numbers are summed on the host in float64."""
     size = getattr(loader, "batch_size", 0) or 1
-    device_batches = data.prefetch_to_device(
-        _padded(loader, size, mesh.devices.size), _PREFETCH, _batch_sharding(mesh)
-    )
+    labels: collections.deque[np.ndarray] = collections.deque()  # host copies, in order
+
+    def batches():
+        for batch in _padded(loader, size, mesh.devices.size):
+            labels.append(batch["label"])
+            if jax.process_count() > 1:  # every process reads every batch, fills its devices
+                batch = _global_copy(batch, _batch_sharding(mesh))
+            yield batch
+
+    device_batches = data.prefetch_to_device(batches(), _PREFETCH, _batch_sharding(mesh))
     parts = []
     try:
         for batch in device_batches:
             logits = logits_fn(variables, batch["image"])
-            parts.append(_host_metrics(np.asarray(logits), np.asarray(batch["label"])))
+            parts.append(_host_metrics(np.asarray(logits), labels.popleft()))
     finally:
         device_batches.close()
     return train.summarize(parts)
@@ -321,7 +342,7 @@ def evaluate(
         {"loss": mean cross-entropy per example, "accuracy": top-1, "count": examples}.
     """
     mesh = mesh or train.data_parallel_mesh()
-    on_devices = jax.device_put(_model_variables(variables), _replicated(mesh))
+    on_devices = train.replicate(_model_variables(variables), mesh)
     return _run_eval(_make_logits_fn(model, mesh, compute_dtype), on_devices, loader, mesh)
 
 
@@ -406,7 +427,7 @@ class _TrainBatches:
     def __init__(self, loader, mesh: Mesh, start_epoch: int, epochs: int, loader_state: Any):
         self._loader = loader
         self._mesh = mesh
-        self._n_dev = mesh.devices.size
+        self._n_dev = len(mesh.local_devices)  # a loader serves this process's part
         self._stream: data.DevicePrefetcher | None = None
         self.start_index = 0
         self.start_epoch = start_epoch
@@ -443,7 +464,7 @@ class _TrainBatches:
         next_batch = json.loads(host.get_state())["next_batch"]
         self.start_epoch, self.start_index = divmod(next_batch, spe)
         self._stream = data.prefetch_to_device(
-            _DivisibleWithState(host, self._n_dev), _PREFETCH, _batch_sharding(self._mesh)
+            _DivisibleWithState(host, self._mesh), _PREFETCH, _batch_sharding(self._mesh)
         )
 
     def epoch(self, first: bool) -> tuple[Iterator[dict[str, jax.Array]], Any]:
@@ -453,7 +474,7 @@ class _TrainBatches:
             return itertools.islice(self._stream, n), self._stream
         self.close()
         self._stream = data.prefetch_to_device(
-            _divisible(self._loader, self._n_dev), _PREFETCH, _batch_sharding(self._mesh)
+            _divisible(self._loader, self._mesh), _PREFETCH, _batch_sharding(self._mesh)
         )
         return self._stream, None
 
@@ -585,7 +606,10 @@ def fit(
         seed: seed of the state's PRNG key (dropout); the loaders have their own seeds.
         arch: the registry name of `model`; default: inferred (`infer_arch`).
         mesh: devices to split batches over; default: `train.data_parallel_mesh()`, all
-            local devices. The batch size must be a multiple of the device count.
+            devices. The batch size must be a multiple of the device count. In a multi-process
+            run (`jtransfer.distributed`) the training loader serves this process's part of
+            each global batch (`distributed.process_shard_options`), the test loader whole
+            batches on every process, and only process 0 logs and shows progress.
         desc: label of the progress bar and of each logged line.
         progress: show a tqdm bar per epoch (only on a terminal).
         log: called with one line per epoch (`format_epoch`); None for silence.
@@ -637,7 +661,7 @@ def fit(
     if state is None:
         state = train.create_train_state(model, variables, tx, seed, mesh=mesh)
     else:
-        state = jax.device_put(state, _replicated(mesh))
+        state = train.replicate(state, mesh)
 
     history: History = []
     step = int(state.step)
@@ -655,7 +679,7 @@ def fit(
                 desc=f"{desc + ' ' if desc else ''}epoch {epoch + 1}/{epochs}",
                 unit="batch",
                 leave=False,
-                disable=None if progress else True,
+                disable=None if progress and jax.process_index() == 0 else True,
             )
             run = _EpochRun(bar, step, compiled)
             try:
@@ -678,7 +702,7 @@ def fit(
                 test = _run_eval(logits_fn, _model_variables(state), test_loader, mesh)
             entry = run.history_entry(epoch, test, time.perf_counter() - t_epoch)
             history.append(entry)
-            if log is not None:
+            if log is not None and jax.process_index() == 0:
                 log(format_epoch(entry, epochs, desc))
             if on_epoch_end is not None and on_epoch_end(epoch + 1, state, entry):
                 break

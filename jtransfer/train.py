@@ -44,6 +44,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
@@ -120,8 +121,25 @@ def create_train_state(
         rng=jax.random.PRNGKey(seed),
     )
     if mesh is not None:
-        state = jax.device_put(state, NamedSharding(_check_mesh(mesh), P()))
+        state = replicate(state, _check_mesh(mesh))
     return state
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Copies a pytree of arrays to every device of `mesh` (``NamedSharding(mesh, P())``).
+
+    In a multi-process run every process must pass the same values (e.g. the same seed or
+    the same checkpoint); each one fills only its own devices, with no communication.
+    """
+    sharding = NamedSharding(mesh, P())
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+
+    def one(x):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(one, tree)
 
 
 def _check_fits(model: nn.Module, variables: Mapping[str, Any]) -> None:
@@ -153,8 +171,12 @@ def _check_fits(model: nn.Module, variables: Mapping[str, Any]) -> None:
 
 
 def data_parallel_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:
-    """A 1-d mesh with axis "data" over `devices` (default: `jax.local_devices()`)."""
-    devices = list(devices) if devices is not None else jax.local_devices()
+    """A 1-d mesh with axis "data" over `devices` (default: `jax.devices()`).
+
+    The default is every local device, and in a multi-process run (`jtransfer.distributed`)
+    the devices of all processes.
+    """
+    devices = list(devices) if devices is not None else jax.devices()
     return Mesh(devices, (DATA_AXIS,))
 
 
@@ -171,23 +193,31 @@ def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, Array]:
     """Places a batch on `mesh`, split along its first (batch) axis.
 
     Args:
-        batch: {"image": (N, H, W, 3), "label": (N,)} host or device arrays.
+        batch: {"image": (N, H, W, 3), "label": (N,)} host or device arrays. When the mesh
+            spans several processes: this process's part of the global batch (see
+            `jtransfer.distributed.global_batch`).
         mesh: a mesh from `data_parallel_mesh`.
 
     Returns:
         The batch as global arrays sharded with `NamedSharding(mesh, P("data"))`.
 
     Raises:
-        ConfigError: N is not a multiple of the number of devices.
+        ConfigError: N is not a multiple of the number of (this process's) devices.
     """
-    n_dev = _check_mesh(mesh).devices.size
+    sharding = NamedSharding(_check_mesh(mesh), P(DATA_AXIS))
+    local = not sharding.is_fully_addressable
+    n_dev = len(mesh.local_devices) if local else mesh.devices.size
     n = len(batch["label"])
     if n % n_dev:
         raise ConfigError(
             f"batch size {n} is not a multiple of the {n_dev} devices of the mesh; "
             "use a batch size divisible by the device count (or drop the last batch)"
         )
-    return jax.device_put(dict(batch), NamedSharding(mesh, P(DATA_AXIS)))
+    if local:
+        from jtransfer import distributed
+
+        return distributed.global_batch(batch, mesh)
+    return jax.device_put(dict(batch), sharding)
 
 
 def _bn_running_average_interceptor(next_fun, args, kwargs, context):
