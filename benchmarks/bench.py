@@ -1,0 +1,588 @@
+"""jtransfer vs PyTorch (CPU) on the same work: throughput, compile time, memory.
+
+One command:
+
+    python benchmarks/bench.py [--archs resnet18 resnet50 vgg16_bn] [--batch 16 32]
+                               [--size 112] [--quick] [--out benchmarks/RESULTS.md]
+
+For every architecture and batch size both frameworks get the same random
+images and the same weights (a torchvision model with random weights and
+randomised BatchNorm statistics, ported with `porting.from_torchvision`), and
+run three kinds of step:
+
+* ``eval``: torch ``net.eval()`` under ``torch.inference_mode()`` vs the jitted
+  ``model.apply(variables, x, train=False)``;
+* ``finetune``: one full SGD step on the summed cross-entropy (d2l's recipe:
+  lr 5e-5, head x10, weight decay 1e-3, BatchNorm in training mode) -- torch
+  ``net.train()`` + ``torch.optim.SGD`` param groups vs
+  ``train.make_train_step`` with ``partition.finetune`` rules;
+* ``frozen``: only the head trains -- torch ``requires_grad=False`` on the rest
+  and the backbone in ``eval()`` vs ``partition.preset(arch, "head")`` with the
+  static ``frozen_stages = partition.frozen_prefix(...)`` (stop_gradient, no
+  backward through the backbone).
+
+The two frameworks alternate rep by rep in one process (which one goes first
+alternates too), so load from other processes hits both alike; the table shows
+medians and ``jt/torch`` = jtransfer images/s over torch images/s (> 1: jtransfer
+is faster). jax compile time is the first call minus the steady-state median.
+Memory is the peak resident-set growth of the process during a steady-state
+step, sampled every few ms from another thread: approximate (allocator caching,
+sampling granularity), good for orders of magnitude only.
+
+The jax side runs with the XLA CPU flags in `JAX_XLA_FLAGS` (see
+benchmarks/levers.py and benchmarks/LEVERS.md for how they were chosen).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+# XLA CPU flags for the jax side; they must be in the environment before jax
+# creates its CPU client (see `configure_jax`). Empty: XLA's defaults measured
+# best on this machine (benchmarks/LEVERS.md lists what was tried).
+JAX_XLA_FLAGS = ""
+
+DEFAULT_ARCHS = ("resnet18", "resnet50", "vgg16_bn")
+DEFAULT_BATCHES = (16, 32)
+DEFAULT_SIZE = 112
+DEFAULT_REPS = 3
+MODES = ("eval", "finetune", "frozen")
+NUM_CLASSES = 2  # the d2l hot-dog head
+LR, HEAD_MULT, WEIGHT_DECAY = 5e-5, 10.0, 1e-3  # d2l's fine-tuning recipe
+
+
+def configure_jax(xla_flags: str | None = JAX_XLA_FLAGS, compile_cache: str | None = None):
+    """Sets XLA_FLAGS (appended to the user's) before jax's CPU backend exists.
+
+    Must run before the first jax computation of the process; it raises if the
+    backend was already created with other flags, rather than silently measuring
+    the wrong configuration.
+    """
+    if xla_flags:
+        have = os.environ.get("XLA_FLAGS", "")
+        if xla_flags not in have:
+            import jax._src.xla_bridge as xb
+
+            if xb._backends:  # private, but the only way to know it is too late
+                raise RuntimeError("configure_jax() must run before jax creates its backend")
+            os.environ["XLA_FLAGS"] = f"{have} {xla_flags}".strip()
+    if compile_cache:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# ---------------------------------------------------------------------------
+# Measuring.
+
+
+def _rss_bytes() -> int:
+    """This process's resident set size (psutil; /proc on Linux without it)."""
+    try:
+        import psutil
+    except ImportError:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return psutil.Process().memory_info().rss
+
+
+class PeakRss:
+    """Peak RSS growth over a call, sampled every `interval` s on a helper thread."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+
+    def __call__(self, fn: Callable[[], Any]) -> tuple[float, int]:
+        """Runs fn(); returns (seconds, peak RSS minus RSS before, in bytes)."""
+        before = _rss_bytes()
+        peak = [before]
+        done = threading.Event()
+
+        def sample():
+            while not done.wait(self.interval):
+                peak[0] = max(peak[0], _rss_bytes())
+
+        t = threading.Thread(target=sample, daemon=True)
+        t.start()
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        done.set()
+        t.join()
+        peak[0] = max(peak[0], _rss_bytes())
+        return dt, peak[0] - before
+
+
+@dataclasses.dataclass
+class Result:
+    """One (arch, batch, mode): per-rep seconds of both frameworks, in the order run."""
+
+    arch: str
+    batch: int
+    size: int
+    mode: str
+    torch_s: list[float]
+    jax_s: list[float]
+    torch_first_s: float
+    jax_first_s: float
+    torch_mem: int
+    jax_mem: int
+    check: str = ""
+    torch_threads: int = 0
+
+    @property
+    def torch_ips(self) -> float:
+        return self.batch / statistics.median(self.torch_s)
+
+    @property
+    def jax_ips(self) -> float:
+        return self.batch / statistics.median(self.jax_s)
+
+    @property
+    def ratio(self) -> float:
+        """jtransfer images/s over torch images/s (> 1: jtransfer faster)."""
+        return self.jax_ips / self.torch_ips
+
+    @property
+    def paired(self) -> tuple[float, float]:
+        """Range of the per-rep ratios torch_s[i] / jax_s[i] (adjacent runs)."""
+        r = [t / j for t, j in zip(self.torch_s, self.jax_s, strict=True)]
+        return min(r), max(r)
+
+    @property
+    def compile_s(self) -> float:
+        return max(self.jax_first_s - statistics.median(self.jax_s), 0.0)
+
+
+def alternate(
+    torch_fn: Callable[[], Any],
+    jax_fn: Callable[[], Any],
+    reps: int,
+    meter: PeakRss,
+    after_first: Callable[[], Any] | None = None,
+) -> tuple[list[float], list[float], float, float, int, int]:
+    """First call of each (torch warm-up, jax compile), then `reps` alternating pairs.
+
+    `after_first` runs between the first calls and the timed reps (e.g. to
+    compare the two sides' first results).
+    """
+    torch_first, _ = meter(torch_fn)
+    jax_first, _ = meter(jax_fn)
+    if after_first is not None:
+        after_first()
+    ts, js, tm, jm = [], [], 0, 0
+    for i in range(reps):
+        order = ((ts, torch_fn, 0), (js, jax_fn, 1))
+        for out, fn, which in order if i % 2 == 0 else order[::-1]:
+            dt, mem = meter(fn)
+            out.append(dt)
+            if which == 0:
+                tm = max(tm, mem)
+            else:
+                jm = max(jm, mem)
+    return ts, js, torch_first, jax_first, tm, jm
+
+
+def race_torch_threads(torch_fn: Callable[[], Any], candidates: Sequence[int]) -> int:
+    """Times one torch call per thread count and keeps the fastest (set and returned).
+
+    On an idle machine all cores win; on a loaded one OpenMP's barriers stall
+    whenever one of its threads is descheduled, and one thread can be 2-3x faster.
+    """
+    import torch
+
+    best = None
+    for n in dict.fromkeys(candidates):
+        torch.set_num_threads(n)
+        t0 = time.perf_counter()
+        torch_fn()
+        dt = time.perf_counter() - t0
+        if best is None or dt < best[0]:
+            best = (dt, n)
+    torch.set_num_threads(best[1])
+    return best[1]
+
+
+# ---------------------------------------------------------------------------
+# The two sides.
+
+
+@dataclasses.dataclass
+class Pair:
+    """The same network and batch on both sides."""
+
+    arch: str
+    net: Any  # torch.nn.Module, eval mode
+    model: Any  # flax module
+    variables: dict
+    x_torch: Any  # (N, 3, H, W)
+    y_torch: Any
+    batch: dict  # {"image": (N, H, W, 3), "label": (N,)} jax arrays
+
+
+def make_pair(arch: str, batch: int, size: int, seed: int = 0) -> Pair:
+    """A torchvision model with random weights and its port; one random batch."""
+    import jax
+    import numpy as np
+    import torch
+    import torchvision
+
+    import jtransfer as jt
+    import porting
+    from porting.parity import randomize_batchnorm
+
+    torch.manual_seed(seed)
+    net = randomize_batchnorm(getattr(torchvision.models, arch)(num_classes=NUM_CLASSES), seed)
+    net.eval()
+    variables = porting.from_torchvision(net.state_dict(), arch)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, size, size, 3), dtype=np.float32)
+    y = rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
+    return Pair(
+        arch=arch,
+        net=net,
+        model=jt.models.create(arch, num_classes=NUM_CLASSES),
+        variables=variables,
+        x_torch=torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+        y_torch=torch.from_numpy(y).long(),
+        batch={"image": jax.device_put(x), "label": jax.device_put(y)},
+    )
+
+
+def _head_name(arch: str) -> str:
+    import jtransfer as jt
+
+    return {"fc": "fc", "classifier_6": "classifier.6"}[jt.models.family(arch).head]
+
+
+def torch_step(pair: Pair, mode: str) -> tuple[Callable[[], Any], Callable[[], float]]:
+    """(step, first_value): a torch step of `mode` on a private copy of the net."""
+    import torch
+    import torch.nn.functional as F
+
+    if mode == "eval":
+        net = pair.net.eval()
+        out = {}
+
+        def run_eval():
+            with torch.inference_mode():
+                out["logits"] = net(pair.x_torch)
+
+        return run_eval, lambda: out["logits"].numpy()
+
+    net = copy.deepcopy(pair.net).train()
+    head = _head_name(pair.arch)
+    named = dict(net.named_parameters())
+    head_params = [p for n, p in named.items() if n.startswith(head + ".")]
+    body_params = [p for n, p in named.items() if not n.startswith(head + ".")]
+    if mode == "finetune":
+        groups = [{"params": body_params}, {"params": head_params, "lr": LR * HEAD_MULT}]
+    else:  # frozen: only the head trains, the backbone runs in eval() mode
+        for p in body_params:
+            p.requires_grad_(False)
+        for name, child in net.named_children():
+            if name not in ("fc", "classifier"):
+                child.eval()
+        groups = [{"params": head_params}]
+    opt = torch.optim.SGD(groups, lr=LR, weight_decay=WEIGHT_DECAY)
+    out = {}
+
+    def run_train():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(pair.x_torch), pair.y_torch, reduction="sum")
+        loss.backward()
+        opt.step()
+        out["loss"] = loss.detach()
+
+    return run_train, lambda: float(out["loss"])
+
+
+def jax_step(
+    pair: Pair, mode: str, donate: bool = True
+) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """(step, first_value): the jtransfer counterpart of `torch_step`.
+
+    `donate=False` turns off make_train_step's buffer donation (a lever to measure).
+    """
+    import jax
+
+    from jtransfer import partition, train
+
+    model, variables, batch = pair.model, pair.variables, pair.batch
+    if mode == "eval":
+        apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        out = {}
+
+        def run_eval():
+            out["logits"] = jax.block_until_ready(apply(variables, batch["image"]))
+
+        return run_eval, lambda: jax.device_get(out["logits"])
+
+    if mode == "finetune":
+        rules, frozen = partition.finetune(pair.arch, HEAD_MULT), 0
+    else:
+        rules = partition.preset(pair.arch, "head")
+        frozen = partition.frozen_prefix(pair.arch, rules)
+    params = variables["params"]
+    tx = partition.make_optimizer(params, rules, learning_rate=LR, weight_decay=WEIGHT_DECAY)
+    step = train.make_train_step(
+        model, tx, loss_reduction="sum", frozen_stages=frozen, donate=donate
+    )
+    holder = {"state": train.create_train_state(model, variables, tx)}
+
+    def run_train():
+        state, metrics = step(holder["state"], batch)
+        holder["state"], holder["metrics"] = jax.block_until_ready((state, metrics))
+
+    return run_train, lambda: float(holder["metrics"]["loss"])
+
+
+def _agreement(mode: str, arch: str, t_val, j_val) -> str:
+    import numpy as np
+
+    if mode == "eval":
+        t, j = np.asarray(t_val, np.float64), np.asarray(j_val, np.float64)
+        return f"logits rel err {np.abs(t - j).max() / max(np.abs(t).max(), 1e-30):.1e}"
+    if arch.startswith("vgg"):  # dropout draws differ between the frameworks
+        return ""
+    return f"1st-step loss rel err {abs(t_val - j_val) / max(abs(t_val), 1e-30):.1e}"
+
+
+def run_case(
+    arch: str,
+    batch: int,
+    size: int,
+    reps: int,
+    modes: Sequence[str] = MODES,
+    log: Callable[[str], Any] | None = None,
+    donate: bool = True,
+    torch_threads: int | str | None = None,
+) -> list[Result]:
+    """Every mode of one (arch, batch) case, torch and jax alternating.
+
+    `torch_threads`: None keeps torch's setting, an int sets it, "auto" races
+    `os.cpu_count()` threads against 1 after the warm-up of every mode and keeps
+    the faster (`race_torch_threads`).
+    """
+    import gc
+
+    import torch
+
+    if isinstance(torch_threads, int):
+        torch.set_num_threads(torch_threads)
+
+    log = log or (lambda msg: print(msg, flush=True))
+    pair = make_pair(arch, batch, size)
+    meter = PeakRss()
+    results = []
+    for mode in modes:
+        t_fn, t_val = torch_step(pair, mode)
+        j_fn, j_val = jax_step(pair, mode, donate)
+        check: list[str] = []
+
+        def after_first(mode=mode, t_fn=t_fn, t_val=t_val, j_val=j_val, check=check):
+            check.append(_agreement(mode, arch, t_val(), j_val()))
+            if torch_threads == "auto":
+                race_torch_threads(t_fn, (os.cpu_count() or 1, 1))
+
+        ts, js, tf, jf, tm, jm = alternate(t_fn, j_fn, reps, meter, after_first)
+        r = Result(arch, batch, size, mode, ts, js, tf, jf, tm, jm, check[0])
+        r.torch_threads = torch.get_num_threads()
+        results.append(r)
+        log(
+            f"  {arch:9s} b{batch:<3d} {mode:8s} torch {r.torch_ips:7.1f} img/s "
+            f"({r.torch_threads} thr)  jax {r.jax_ips:7.1f} img/s  x{r.ratio:.2f}  "
+            f"compile {r.compile_s:5.1f}s  {r.check}"
+        )
+        del t_fn, j_fn, t_val, j_val
+        gc.collect()
+    return results
+
+
+# ---------------------------------------------------------------------------
+# Report.
+
+
+def machine_info() -> dict[str, str]:
+    import jax
+    import jaxlib
+    import torch
+
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "?"
+    return {
+        "nproc": str(os.cpu_count()),
+        "affinity": str(len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else "?",
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch threads": f"{torch.get_num_threads()} intra-op, "
+        f"{torch.get_num_interop_threads()} inter-op",
+        "jax": f"{jax.__version__} (jaxlib {jaxlib.__version__}, {jax.default_backend()})",
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") or "(none: XLA defaults)",
+        "load average at start": load,
+    }
+
+
+def _err(check: str) -> float:
+    return float(check.rsplit(" ", 1)[1])
+
+
+def _compile_text(r: Result) -> str:
+    # A compile shorter than the step-to-step noise can come out negative.
+    raw = r.jax_first_s - statistics.median(r.jax_s)
+    return f"{raw:.1f}" if raw > 0 else "< noise"
+
+
+def markdown(results: Sequence[Result], info: dict[str, str], cfg: dict[str, Any]) -> str:
+    lines = [
+        "# jtransfer vs PyTorch on CPU",
+        "",
+        f"Command: `{cfg['command']}`",
+        "",
+        "Machine: " + "; ".join(f"{k}: {v}" for k, v in info.items()) + ".",
+        "",
+        f"Images {cfg['size']}x{cfg['size']}, {NUM_CLASSES} classes, {cfg['reps']} timed reps "
+        "per cell after one warm-up (jax: compile) call; torch and jax alternate rep by rep in "
+        "one process. **The machine was shared with other engineers' jobs while this ran**, "
+        "so absolute numbers are noisy; the ratio of adjacent runs is the meaningful figure. "
+        "`jt/torch` = jtransfer images/s / torch images/s from the medians (> 1: jtransfer "
+        "faster); `paired` = min-max of the per-rep ratios. Compile = jax first call minus "
+        "its median (`< noise` where the step-to-step noise exceeds it). Peak dRSS = "
+        "growth of the process RSS during a steady-state step, "
+        "sampled every 5 ms: approximate. `thr` = torch intra-op threads used "
+        + (
+            "(`--torch-threads auto`: after the warm-up, one call with nproc threads and one "
+            "with 1 thread, the faster kept per cell). "
+            if cfg.get("torch_threads") == "auto"
+            else ". "
+        )
+        + "jax runs XLA's CPU thread pool (one thread per core) with XLA_FLAGS as above.",
+        "",
+        "| arch | batch | step | torch img/s | thr | jtransfer img/s | jt/torch | paired | "
+        "jax compile s | torch peak dRSS MB | jax peak dRSS MB |",
+        "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in results:
+        lo, hi = r.paired
+        lines.append(
+            f"| {r.arch} | {r.batch} | {r.mode} | {r.torch_ips:.1f} | {r.torch_threads} | "
+            f"{r.jax_ips:.1f} | "
+            f"{r.ratio:.2f} | {lo:.2f}-{hi:.2f} | {_compile_text(r)} | "
+            f"{r.torch_mem / 2**20:.0f} | {r.jax_mem / 2**20:.0f} |"
+        )
+    worst: dict[tuple[str, str], str] = {}
+    for r in results:  # the largest relative error per (arch, step) over batch sizes
+        key = (r.arch, r.mode)
+        if r.check and (key not in worst or _err(r.check) > _err(worst[key])):
+            worst[key] = r.check
+    if worst:
+        checks = "; ".join(f"{a} {m}: {c}" for (a, m), c in worst.items())
+        lines += [
+            "",
+            f"Same computation (first call, torch vs jax, worst over batch sizes): {checks} "
+            "(VGG train steps not compared: the dropout draws differ).",
+        ]
+    lines += [
+        "",
+        "Steps: eval = `net.eval()` + `torch.inference_mode()` vs jitted `model.apply`; "
+        "finetune = full SGD step, summed CE, BN in train mode, head lr x10, wd 1e-3 "
+        "(`partition.finetune` + `train.make_train_step`); frozen = head only, backbone "
+        "frozen (torch: `requires_grad=False` + backbone `eval()`; jax: "
+        "`preset(arch, 'head')`, static `frozen_stages=frozen_prefix(...)`).",
+        f"Total wall time {cfg['wall_s']:.0f} s; process CPU time {cfg.get('cpu_s', 0):.0f} s "
+        f"(an idle machine with {os.cpu_count()} cores would need about CPU / cores).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _threads(text: str) -> int | str | None:
+    if text in ("auto", "default"):
+        return None if text == "default" else text
+    return int(text)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--archs", nargs="+", default=list(DEFAULT_ARCHS))
+    p.add_argument("--batch", nargs="+", type=int, default=list(DEFAULT_BATCHES))
+    p.add_argument(
+        "--size", type=int, default=DEFAULT_SIZE, help="image side (default %(default)s)"
+    )
+    p.add_argument("--reps", type=int, default=DEFAULT_REPS, help="timed reps per cell")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument(
+        "--quick", action="store_true", help="resnet18, batch 16, 2 reps: about a minute"
+    )
+    p.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    p.add_argument("--xla-flags", default=JAX_XLA_FLAGS, help="XLA CPU flags for the jax side")
+    p.add_argument("--compile-cache", default=None, help="jax persistent compilation cache dir")
+    p.add_argument(
+        "--torch-threads",
+        type=_threads,
+        default="auto",
+        help="torch.set_num_threads; 'auto' (default) races nproc threads against 1 "
+        "after each warm-up and keeps the faster; 'default' leaves torch's own setting",
+    )
+    args = p.parse_args(argv)
+    if args.quick:
+        args.archs, args.batch, args.reps = ["resnet18"], [16], 2
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[Result]:
+    args = parse_args(argv)
+    configure_jax(args.xla_flags, args.compile_cache)
+    import resource
+
+    start = time.perf_counter()
+    info = machine_info()
+    print("machine:", "; ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
+    results = []
+    for arch in args.archs:
+        for batch in args.batch:
+            results += run_case(
+                arch, batch, args.size, args.reps, args.modes, torch_threads=args.torch_threads
+            )
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cfg = {
+        "command": " ".join(["python benchmarks/bench.py", *(argv or sys.argv[1:])]),
+        "size": args.size,
+        "reps": args.reps,
+        "wall_s": time.perf_counter() - start,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "torch_threads": args.torch_threads,
+    }
+    text = markdown(results, info, cfg)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    print()
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()
