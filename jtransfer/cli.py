@@ -245,36 +245,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="let JAX detect the cluster (SLURM, Open MPI, Cloud TPU pod slices)",
     )
 
-    pr = sub.add_parser(
-        "predict",
-        parents=[common],
-        help="classify images with a checkpoint",
-        description=_PREDICT_DESCRIPTION,
-        formatter_class=fmt,
+    # predict and export read the same checkpoint arguments.
+    ckpt = argparse.ArgumentParser(add_help=False)
+    ckpt.add_argument(
+        "--checkpoint", required=True, metavar="DIR", help="a finetune --out directory"
     )
-    pr.add_argument("--checkpoint", required=True, metavar="DIR", help="a finetune --out directory")
-    pr.add_argument(
+    ckpt.add_argument(
         "--which",
         default="best",
         metavar="best|latest|STEP",
         help="which checkpoint: best by test accuracy (default), latest, or a step",
+    )
+
+    pr = sub.add_parser(
+        "predict",
+        parents=[common, ckpt],
+        help="classify images with a checkpoint",
+        description=_PREDICT_DESCRIPTION,
+        formatter_class=fmt,
     )
     pr.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
     pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
 
     ex = sub.add_parser(
         "export",
-        parents=[common],
+        parents=[common, ckpt],
         help="write a checkpoint as a torchvision .pth state_dict",
         description=_EXPORT_DESCRIPTION,
         formatter_class=fmt,
-    )
-    ex.add_argument("--checkpoint", required=True, metavar="DIR", help="a finetune --out directory")
-    ex.add_argument(
-        "--which",
-        default="best",
-        metavar="best|latest|STEP",
-        help="which checkpoint: best by test accuracy (default), latest, or a step",
     )
     ex.add_argument("--out", required=True, metavar="FILE", help="the .pth file to write")
 
