@@ -57,6 +57,7 @@ __all__ = [
     "checkpoint_steps",
     "load_for_inference",
     "read_metadata",
+    "read_progress",
     "state_nbytes",
 ]
 
@@ -801,6 +802,31 @@ def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict
             f"cannot read the metadata of checkpoint {path / str(step)} ({_first_line(e)})"
         ) from e
     return dict(out or {})
+
+
+def read_progress(directory: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    """Where training stood at a checkpoint (latest by default), without reading its arrays.
+
+    Returns:
+        {"step", "epoch", "phase", "metrics", "loader" (the loader state, as saved),
+        "best_metric", "best_mode", "extra", "time", "format"}.
+
+    Raises:
+        CheckpointError: no checkpoint there, or its progress record is unreadable.
+    """
+    import orbax.checkpoint as ocp
+
+    path, steps = _require_checkpoints(directory)
+    step = steps[-1] if step is None else step
+    try:
+        out = _reader(path).restore(
+            step, args=ocp.args.Composite(**{_PROGRESS: ocp.args.JsonRestore()})
+        )[_PROGRESS]
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot read the progress record of checkpoint {path / str(step)} ({_first_line(e)})"
+        ) from e
+    return {k: v for k, v in dict(out or {}).items() if k != "crc32"}
 
 
 def _ranked_steps(mngr, steps: list[int], which: str | int) -> list[int]:

@@ -28,12 +28,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jtransfer.errors import CheckpointError, ConfigError, DataError, JTransferError
+from jtransfer.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    JTransferError,
+    NonFiniteLossError,
+)
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 PROG = "python -m jtransfer"
+DEFAULT_MAX_SKIPS = 10  # --skip-nonfinite without N; as jtransfer.fit.MAX_CONSECUTIVE_SKIPS
 
 _DESCRIPTION = """\
 Fine-tune torchvision ResNet / VGG models in JAX, predict with them, export them back to
@@ -75,14 +82,26 @@ If you know the PyTorch way:
                             same coupled weight decay; frozen layers never decay
   --loss-reduction mean     nn.CrossEntropyLoss() (the mean over the batch); "sum" is d2l's
                             l.sum().backward()
+  --unfreeze-after 2        fastai's learn.fine_tune(epochs, freeze_epochs=2): the first 2
+                            epochs train with --freeze applied, then p.requires_grad = True
+                            for every layer (backbone at --lr, head at --lr x --head-lr-mult).
+                            One compiled step serves both phases, so the frozen phase still
+                            runs the backward pass through the frozen layers (their updates
+                            are zero; BatchNorm keeps its statistics). Their momentum starts
+                            at their first trained step, as in torch
+  --skip-nonfinite          what torch.cuda.amp.GradScaler does with an inf/NaN gradient: skip
+                            that optimizer.step() (and keep the BatchNorm statistics); the
+                            epoch line counts skipped steps. Without it a NaN loss stops the
+                            run, naming the step, and the last checkpoint stays a good one
   Training BatchNorm runs in train mode (net.train()); evaluation in eval mode.
 
 Checkpoints: --out gets a checkpoint at the end of every epoch (the best by test accuracy
 and the latest are kept) and every --save-every steps. Running the same command again with an
 --out that already holds a checkpoint of the same configuration resumes from it ("resuming
 from step N") and ends with exactly the parameters an uninterrupted run would have; a larger
---epochs continues training. Ctrl-C (SIGINT) or SIGTERM saves a checkpoint, prints the command
-to resume, and exits with 130 or 143.
+--epochs continues training; an --unfreeze-after run resumes in the phase it was in (each
+checkpoint records it: "frozen" or "unfrozen"). Ctrl-C (SIGINT) or SIGTERM saves a checkpoint,
+prints the command to resume, and exits with 130 or 143.
 """
 
 _PREDICT_DESCRIPTION = """\
@@ -157,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
         "block5",
     )
     ft.add_argument(
+        "--unfreeze-after",
+        type=int,
+        default=None,
+        metavar="EPOCHS",
+        help="gradual unfreezing: train the first EPOCHS epochs with --freeze applied, then "
+        "every layer (the unfrozen ones at --lr, the head at --lr x --head-lr-mult); needs "
+        "--freeze other than none and EPOCHS < --epochs (default: --freeze holds throughout)",
+    )
+    ft.add_argument(
         "--head-lr-mult",
         type=float,
         default=10.0,
@@ -199,6 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check every image first and leave out unreadable ones (listed) "
         "instead of failing when one is reached",
+    )
+    ft.add_argument(
+        "--skip-nonfinite",
+        type=int,
+        nargs="?",
+        const=DEFAULT_MAX_SKIPS,
+        default=None,
+        metavar="N",
+        help="skip a step whose loss, gradient or update is NaN or infinite (the model, optimizer "
+        "state and BatchNorm statistics stay as before it) instead of stopping; the epoch "
+        f"line counts them. Stops after N skipped steps in a row (default {DEFAULT_MAX_SKIPS}) "
+        "or a whole epoch of them. May be added when resuming a run that stopped on a NaN",
     )
     ft.add_argument(
         "--out",
@@ -410,6 +450,7 @@ def _run_finetune(args: argparse.Namespace, argv: Sequence[str], stopper: _Signa
         "config": config,
     }
     resuming = bool(checkpoint.checkpoint_steps(out))
+    restarting = not resuming and out.is_dir()  # e.g. a run killed before its first save
     if resuming:
         _check_same_config(out, config)
     ckpt = checkpoint.Checkpointer(
@@ -421,7 +462,12 @@ def _run_finetune(args: argparse.Namespace, argv: Sequence[str], stopper: _Signa
         save_interval_steps=args.save_every,
         metadata=metadata,
     )
-    hooks = _CheckpointHooks(ckpt, stopper)
+    hooks = _CheckpointHooks(
+        ckpt,
+        stopper,
+        frozen=list(args.freeze) != ["none"],
+        skip_nonfinite=args.skip_nonfinite is not None,
+    )
     try:
         train_loader = data.make_loader(
             train_folder,
@@ -449,6 +495,11 @@ def _run_finetune(args: argparse.Namespace, argv: Sequence[str], stopper: _Signa
                     f"skipped {len(loader.bad_files)} unreadable image(s) in {loader.folder.root}"
                 )
         spe = hooks.steps_per_epoch = train_loader.steps_per_epoch
+        if args.unfreeze_after is not None:
+            hooks.unfreeze_step = args.unfreeze_after * spe
+            rules = freeze_rules(
+                args.arch, args.freeze, args.head_lr_mult, unfreeze_step=hooks.unfreeze_step
+            )
         hooks.loader_template = json.loads(iter(train_loader).get_state())
         print(
             f"{args.arch}, {num_classes} classes ({', '.join(classes)}): "
@@ -470,6 +521,8 @@ def _run_finetune(args: argparse.Namespace, argv: Sequence[str], stopper: _Signa
             shapes = dict(jax.eval_shape(model.init, jax.random.PRNGKey(0), x))
             restored = ckpt.restore_latest(jax.eval_shape(fresh_state, shapes))
         if restored is None:
+            if restarting:
+                print(f"no complete checkpoint in {out} yet: starting from scratch")
             variables = initial_variables(args, model, num_classes)
             print(partition.rules_table(variables["params"], rules))
             ckpt.check_space(jax.eval_shape(fresh_state, variables))
@@ -477,6 +530,11 @@ def _run_finetune(args: argparse.Namespace, argv: Sequence[str], stopper: _Signa
             state = restored.state
             done, index = divmod(restored.step, spe)
             where = f"step {index} of epoch {done + 1}" if index else f"end of epoch {done}"
+            if hooks.unfreeze_step is not None:
+                phase = hooks.phase(restored.step)
+                _check_phase(restored, phase, args.unfreeze_after, spe)
+                when = "until" if phase == "frozen" else "since"
+                where += f"; {phase} phase {when} step {hooks.unfreeze_step}"
             print(f"resuming from step {restored.step} ({where}; --epochs {args.epochs}) in {out}")
             if restored.step >= args.epochs * spe:
                 print(f"already trained for {args.epochs} epochs; nothing to do.")
@@ -500,6 +558,8 @@ def _run_finetune(args: argparse.Namespace, argv: Sequence[str], stopper: _Signa
                 else distributed.local_loader_state(restored.loader_state),
                 on_step_end=hooks.on_step_end,
                 on_epoch_end=hooks.on_epoch_end,
+                skip_nonfinite=args.skip_nonfinite is not None,
+                max_consecutive_skips=args.skip_nonfinite or DEFAULT_MAX_SKIPS,
                 **optimizer,
             )
     except _Stopped:
@@ -562,11 +622,27 @@ class _SignalStop:
 
 
 class _CheckpointHooks:
-    """fit's on_step_end / on_epoch_end: interval saves, epoch-end saves, save-on-signal."""
+    """fit's on_step_end / on_epoch_end: interval saves, epoch-end saves, save-on-signal.
 
-    def __init__(self, ckpt, stopper: _SignalStop) -> None:
+    Each checkpoint records its phase: "frozen" while --freeze is in force for the next
+    step, "unfrozen" once nothing is (from the start with --freeze none, from
+    `unfreeze_step` with --unfreeze-after).
+    """
+
+    def __init__(
+        self,
+        ckpt,
+        stopper: _SignalStop,
+        *,
+        frozen: bool = False,
+        unfreeze_step: int | None = None,
+        skip_nonfinite: bool = False,
+    ) -> None:
         self.ckpt = ckpt
         self.stopper = stopper
+        self.frozen = frozen  # --freeze is not none
+        self.unfreeze_step = unfreeze_step
+        self.skip_nonfinite = skip_nonfinite
         self.steps_per_epoch = 0  # set once the loader is built
         self.loader_template: dict[str, Any] = {}  # the loader's state minus its position
         self.position: bytes | None = None
@@ -584,11 +660,15 @@ class _CheckpointHooks:
         )
         # The epoch's last step is saved by on_epoch_end, with the test metrics.
         last_of_epoch = info.index + 1 == self.steps_per_epoch
-        if self.stop_requested():
+        stop = self.stop_requested()
+        due = stop or (not last_of_epoch and self.ckpt.should_save(info.step))
+        if due:
+            self._check_finite(state, info.step, info.metrics)
+        if stop:
             self._save(state, info.epoch, force=True)
             self.ckpt.wait_until_finished()
             raise _Stopped
-        if not last_of_epoch and self.ckpt.should_save(info.step):
+        if due:
             self._save(state, info.epoch, force=False)
 
     def on_epoch_end(self, epoch: int, state, entry: dict[str, Any]) -> bool:
@@ -597,8 +677,11 @@ class _CheckpointHooks:
             for k in ("test_acc", "test_loss", "train_acc", "train_loss")
             if entry.get(k) is not None
         }
+        self._check_finite(state, entry["step"])
         self._save(state, epoch, force=True, metrics=metrics)
         self.last = entry
+        if self.unfreeze_step is not None and entry["step"] == self.unfreeze_step:
+            print(f"unfreezing: from step {self.unfreeze_step} every layer trains")
         if entry.get("test_acc") is not None and (
             self.best is None or entry["test_acc"] >= self.best[0]  # ties: the later, as Orbax
         ):
@@ -622,11 +705,44 @@ class _CheckpointHooks:
                 self.stopper.signum = int(np.max(signums))
         return self.stopper.signum is not None
 
+    def _check_finite(self, state, step: int, metrics=None) -> None:
+        """Refuses to save a state that a rerun could not train on, naming the step.
+
+        fit checks a step's loss only while the next step runs, and a finite loss can still
+        come with an update that overflows the parameters; either way the checkpoint a rerun
+        resumes from must stay the last good one. With --skip-nonfinite the train step never
+        lets a non-finite value into the state.
+        """
+        if self.skip_nonfinite:
+            return
+        from jtransfer import train
+
+        if metrics is not None:
+            train.check_finite(metrics, step - 1)
+        if not bool(train.all_finite(state.params)):
+            raise NonFiniteLossError(
+                f"the update of step {step - 1} made parameters NaN or infinite (its loss was "
+                f"finite); it was not saved, the last checkpoint is from before it. "
+                f"{train.NONFINITE_ADVICE}"
+            )
+
+    def phase(self, step: int) -> str:
+        """The phase after `step`: "frozen" while --freeze is in force, else "unfrozen"."""
+        if not self.frozen or (self.unfreeze_step is not None and step >= self.unfreeze_step):
+            return "unfrozen"
+        return "frozen"
+
     def _save(self, state, epoch: int, *, force: bool, metrics=None) -> None:
+        step = int(state.step)
         if self.ckpt.save(
-            state, epoch=epoch, loader_state=self.position, metrics=metrics, force=force
+            state,
+            epoch=epoch,
+            loader_state=self.position,
+            phase=self.phase(step),
+            metrics=metrics,
+            force=force,
         ):
-            self.saved_step = int(state.step)
+            self.saved_step = step
 
     def summary(self) -> str:
         if self.last is None:
@@ -659,6 +775,45 @@ def _check_finetune_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"invalid value(s): {', '.join(bad)}; these must be positive")
     if args.image_size < 32:
         raise ConfigError(f"--image-size {args.image_size} is too small: use 32 or more")
+    if args.skip_nonfinite is not None and args.skip_nonfinite < 1:
+        raise ConfigError(
+            f"--skip-nonfinite {args.skip_nonfinite}: the number of skipped steps in a row "
+            f"that stops the run must be >= 1 (default {DEFAULT_MAX_SKIPS})"
+        )
+    _check_unfreeze_after(args.unfreeze_after, args.freeze, args.epochs)
+
+
+def _check_unfreeze_after(epochs_frozen: int | None, freeze: Sequence[str], epochs: int) -> None:
+    if epochs_frozen is None:
+        return
+    if list(freeze) == ["none"]:
+        raise ConfigError(
+            f"--unfreeze-after {epochs_frozen} needs something frozen first: add --freeze "
+            "backbone (train only the new classifier, then everything) or --freeze with the "
+            "first stages (e.g. --freeze stem layer1)"
+        )
+    if epochs_frozen < 1:
+        raise ConfigError(
+            f"--unfreeze-after {epochs_frozen}: the frozen phase must last at least 1 epoch; "
+            "to train everything from the start use --freeze none"
+        )
+    if epochs_frozen >= epochs:
+        raise ConfigError(
+            f"--unfreeze-after {epochs_frozen} must be less than --epochs {epochs}, or nothing "
+            f"is ever unfrozen: raise --epochs (e.g. --epochs {epochs_frozen + epochs}) or "
+            "leave out --unfreeze-after"
+        )
+
+
+def _check_phase(restored, phase: str, unfreeze_after: int, steps_per_epoch: int) -> None:
+    """The phase saved with a checkpoint must be the one its step has now (same data)."""
+    if restored.phase is not None and restored.phase != phase:
+        raise CheckpointError(
+            f"the checkpoint of step {restored.step} was saved in the {restored.phase!r} phase, "
+            f"but with --unfreeze-after {unfreeze_after} and {steps_per_epoch} steps per epoch "
+            f"step {restored.step} is in the {phase!r} phase: the training set changed size. "
+            "Resume with the same data, or choose a new --out"
+        )
 
 
 def _dataset(root: Path):
@@ -683,8 +838,18 @@ def _dataset(root: Path):
     return train_folder, test_folder
 
 
-def freeze_rules(arch: str, freeze: Sequence[str], head_lr_mult: float):
-    """--freeze and --head-lr-mult as a partition rule list (labels frozen/backbone/head)."""
+def freeze_rules(
+    arch: str,
+    freeze: Sequence[str],
+    head_lr_mult: float,
+    *,
+    unfreeze_step: int | None = None,
+):
+    """--freeze and --head-lr-mult as a partition rule list (labels frozen/backbone/head).
+
+    With `unfreeze_step` (--unfreeze-after, in steps) the frozen label's multiplier is
+    `partition.unfreeze_at(unfreeze_step)`: 0 until then, 1 after, in one optimizer state.
+    """
     from jtransfer import heads, partition
 
     if head_lr_mult <= 0:
@@ -694,6 +859,12 @@ def freeze_rules(arch: str, freeze: Sequence[str], head_lr_mult: float):
     stages = list(partition.groups(arch))
     freezable = stages[:-1]  # the last stage holds the new classifier
     words = list(freeze)
+
+    def frozen(name: str) -> partition.Group:
+        if unfreeze_step is None:
+            return partition.Group(name, frozen=True)
+        return partition.Group(name, partition.unfreeze_at(unfreeze_step))
+
     if words == ["none"]:
         return [
             (rf"(?!{head}/).*", partition.Group("backbone", 1.0)),
@@ -701,7 +872,7 @@ def freeze_rules(arch: str, freeze: Sequence[str], head_lr_mult: float):
         ]
     if words == ["backbone"]:
         return [
-            (rf"(?!{head}/).*", partition.Group("backbone", frozen=True)),
+            (rf"(?!{head}/).*", frozen("backbone")),
             (head_rx, partition.Group("head", head_lr_mult)),
         ]
     unknown = [w for w in words if w not in freezable]
@@ -720,14 +891,15 @@ def freeze_rules(arch: str, freeze: Sequence[str], head_lr_mult: float):
     groups = partition.groups(arch)
     frozen_rx = "|".join(f"(?:{groups[s]})" for s in prefix)
     return [
-        (f"(?!{head}/)(?:{frozen_rx})", partition.Group("frozen", frozen=True)),
+        (f"(?!{head}/)(?:{frozen_rx})", frozen("frozen")),
         (f"(?!{head}/)(?!(?:{frozen_rx})$).*", partition.Group("backbone", 1.0)),
         (head_rx, partition.Group("head", head_lr_mult)),
     ]
 
 
 def _config(args: argparse.Namespace, classes: list[str]) -> dict[str, Any]:
-    """What must match for --out to be resumed (not --epochs, --workers, --save-every)."""
+    """What must match for --out to be resumed (not --epochs, --workers, --save-every, nor
+    --skip-nonfinite: adding it to resume a run that stopped on a NaN is its main use)."""
     weights = args.weights
     if weights.lower() != "none" and (os.sep in weights or Path(weights).suffix):
         weights = str(Path(weights).expanduser().absolute())
@@ -737,6 +909,7 @@ def _config(args: argparse.Namespace, classes: list[str]) -> dict[str, Any]:
         "arch": args.arch,
         "weights": weights,
         "freeze": list(args.freeze),
+        "unfreeze_after": args.unfreeze_after,
         "head_lr_mult": args.head_lr_mult,
         "lr": args.lr,
         "momentum": args.momentum,

@@ -10,9 +10,11 @@ step runs.
 Each epoch gives one history entry (a dict), the numbers d2l prints:
 
 * ``epoch``: epochs completed (1-based; pass it as ``start_epoch`` to resume after it);
-* ``step``: optimizer steps completed;
+* ``step``: steps completed (``int(state.step)``; with ``skip_nonfinite``, skipped ones too);
 * ``train_loss``: loss per example over the epoch (``loss_sum / count``, also with a summed
   training loss, as d2l prints it), ``train_acc``, ``train_count``;
+* ``skipped``: steps skipped because their loss, gradient or update was not finite (with
+  ``skip_nonfinite=True``; their examples are left out of the training numbers);
 * ``test_loss``, ``test_acc``, ``test_count``: on the test loader (None without one);
 * ``examples_per_s``: training examples per second of wall time in the training loop, input
   pipeline waits included; the run's first step (which compiles) is left out, and timed
@@ -54,7 +56,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jtransfer import data, models, partition, train
-from jtransfer.errors import ConfigError
+from jtransfer.errors import ConfigError, NonFiniteLossError
 
 __all__ = [
     "HISTORY_KEYS",
@@ -74,6 +76,7 @@ HISTORY_KEYS: tuple[str, ...] = (
     "train_loss",
     "train_acc",
     "train_count",
+    "skipped",
     "test_loss",
     "test_acc",
     "test_count",
@@ -82,6 +85,7 @@ HISTORY_KEYS: tuple[str, ...] = (
     "epoch_s",
 )
 _PREFETCH = 2  # batches on the devices ahead of the step
+MAX_CONSECUTIVE_SKIPS = 10  # default limit of skip_nonfinite: then the run has diverged
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,7 @@ class StepInfo:
     Attributes:
         epoch: the epoch this step belongs to (0-based).
         index: the batch's index within its epoch (0-based).
-        step: optimizer steps completed, i.e. ``int(state.step)`` after this step.
+        step: steps completed, i.e. ``int(state.step)`` after this step (skipped ones count).
         metrics: this step's metrics (device arrays; reading them waits for the step). `fit`
             checks its loss for NaN while the next step runs, so a checkpoint that must never
             hold a diverged state should check `metrics["loss"]` itself.
@@ -415,6 +419,8 @@ def format_epoch(metrics: Mapping[str, Any], epochs: int | None = None, desc: st
     text += f"train acc {num('train_acc', '.3f')}"
     if metrics.get("test_acc") is not None:
         text += f", test acc {num('test_acc', '.3f')}"
+    if metrics.get("skipped"):
+        text += f", skipped {metrics['skipped']} non-finite step(s)"
     text += f", {num('examples_per_s', '.1f')} examples/sec, {num('epoch_s', '.1f')}s"
     if metrics.get("compile_s"):
         text += f" (first step, with compilation: {metrics['compile_s']:.1f}s)"
@@ -484,6 +490,44 @@ class _TrainBatches:
             self._stream = None
 
 
+class _SkipGuard:
+    """Counts non-finite steps that `skip_nonfinite` skipped; raises once the run has diverged.
+
+    Skipping is for a rare bad batch. `limit` skipped steps in a row (across epoch ends), or
+    an epoch in which every step was skipped, mean the run itself has diverged: stopping
+    then, with the state of the last good step, beats silently training on nothing.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_a_row = 0
+        self.first_in_a_row = 0  # 0-based step that began the current streak
+
+    def skipped(self, at_step: int, loss: float) -> None:
+        if self.in_a_row == 0:
+            self.first_in_a_row = at_step
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise NonFiniteLossError(
+                f"{self.in_a_row} steps in a row had a non-finite loss, gradient or update (steps "
+                f"{self.first_in_a_row}..{at_step}, the last loss {loss}); each was skipped, "
+                f"but {self.limit} in a row (the limit) means training has diverged. The "
+                f"state is the one before step {self.first_in_a_row}. {train.NONFINITE_ADVICE}"
+            )
+
+    def applied(self) -> None:
+        self.in_a_row = 0
+
+    @staticmethod
+    def check_epoch(epoch: int, skipped: int, steps: int) -> None:
+        if skipped and skipped == steps:
+            raise NonFiniteLossError(
+                f"every one of the {steps} step(s) of epoch {epoch + 1} had a non-finite loss, "
+                f"gradient or update and was skipped, so nothing was learned. "
+                f"{train.NONFINITE_ADVICE}"
+            )
+
+
 class _EpochRun:
     """One epoch's steps: running totals, NaN checks, and throughput timing.
 
@@ -492,10 +536,15 @@ class _EpochRun:
     waited for and timed apart, and the throughput counts the steps after it.
     """
 
-    def __init__(self, bar: tqdm, steps: int, compiled: bool) -> None:
+    def __init__(
+        self, bar: tqdm, steps: int, compiled: bool, guard: _SkipGuard | None = None
+    ) -> None:
         self.bar = bar
-        self.steps = steps  # optimizer steps done
+        self.steps = steps  # steps done (batches trained on, skipped ones included)
         self.compiled = compiled
+        self.guard = guard
+        self.skipped = 0
+        self.first_step = steps
         self.totals = {"loss_sum": 0.0, "correct": 0, "count": 0}
         self.compile_s = 0.0
         self._pending: tuple[train.Metrics, int] | None = None
@@ -523,11 +572,20 @@ class _EpochRun:
             return
         metrics, at_step = self._pending
         self._pending = None
-        m = jax.device_get({k: metrics[k] for k in ("loss", *train.SUMMABLE)})
+        keys = ("loss", *train.SUMMABLE, *(("skipped",) if self.guard else ()))
+        m = jax.device_get({k: metrics[k] for k in keys})
+        if self.guard is not None:
+            if m["skipped"]:
+                self.skipped += 1
+                self.guard.skipped(at_step, float(m["loss"]))
+                return  # its NaN loss and its examples stay out of the epoch's numbers
+            self.guard.applied()
         train.check_finite(m, at_step)
         for k in train.SUMMABLE:
             self.totals[k] += m[k]
         n = self.totals["count"]
+        if not n:
+            return
         self.bar.set_postfix(
             loss=f"{self.totals['loss_sum'] / n:.3f}",
             acc=f"{self.totals['correct'] / n:.3f}",
@@ -548,6 +606,7 @@ class _EpochRun:
             "train_loss": self.totals["loss_sum"] / n if n else None,
             "train_acc": self.totals["correct"] / n if n else None,
             "train_count": int(n),
+            "skipped": self.skipped,
             "test_loss": test["loss"] if test else None,
             "test_acc": test["accuracy"] if test else None,
             "test_count": test["count"] if test else None,
@@ -584,6 +643,8 @@ def fit(
     loader_state: Any = None,
     on_step_end: Callable[[train.TrainState, StepInfo], Any] | None = None,
     on_epoch_end: Callable[[int, train.TrainState, dict[str, Any]], bool | None] | None = None,
+    skip_nonfinite: bool = False,
+    max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS,
 ) -> tuple[train.TrainState, History]:
     """Trains for `epochs` epochs, evaluating after each; d2l's `train_ch13`, jitted.
 
@@ -622,13 +683,23 @@ def fit(
             valid during the call: the next step donates its buffers.
         on_epoch_end: `on_epoch_end(epoch, state, metrics)` after each epoch's evaluation,
             with the history entry; return True to stop training.
+        skip_nonfinite: a step whose loss, gradient or update is NaN or infinite changes nothing
+            (params, batch_stats and opt_state stay bit-identical; see
+            `train.make_train_step`) instead of stopping the run. Skipped steps are counted
+            in the history's ``skipped`` and the log line, and their examples left out of
+            the training loss and accuracy. Training still stops with NonFiniteLossError
+            after `max_consecutive_skips` skipped steps in a row, or when every step of an
+            epoch was skipped: a diverged run, not a bad batch.
+        max_consecutive_skips: see `skip_nonfinite` (default 10). The count starts afresh
+            in each call (a resumed run).
 
     Returns:
         (the final TrainState, the history: one dict per epoch run, keys `HISTORY_KEYS`).
 
     Raises:
-        NonFiniteLossError: a step's loss is NaN or infinite; the message names the step
-            (0-based: the optimizer steps done before it).
+        NonFiniteLossError: a step's loss is NaN or infinite (with `skip_nonfinite`: too
+            many in a row, or a whole epoch); the message names the step (0-based: the
+            steps done before it).
         ConfigError: invalid options, rules that do not cover the params, batch sizes that
             do not split over the devices.
     """
@@ -636,6 +707,12 @@ def fit(
         raise ConfigError(f"epochs and start_epoch must be >= 0, got {epochs}, {start_epoch}")
     if state is None and variables is None:
         raise ConfigError("pass variables (a new run) or state (to continue one)")
+    if isinstance(max_consecutive_skips, bool) or not (
+        isinstance(max_consecutive_skips, int) and max_consecutive_skips >= 1
+    ):
+        raise ConfigError(
+            f"max_consecutive_skips must be an int >= 1, got {max_consecutive_skips!r}"
+        )
     arch = arch or infer_arch(model)
     mesh = mesh or train.data_parallel_mesh()
     params = state.params if state is not None else variables["params"]
@@ -656,6 +733,7 @@ def fit(
         frozen_stages=frozen_stages_for(arch, rules),
         compute_dtype=compute_dtype,
         mesh=mesh,
+        skip_nonfinite=skip_nonfinite,
     )
     logits_fn = _make_logits_fn(model, mesh, compute_dtype)
     if state is None:
@@ -667,6 +745,7 @@ def fit(
     step = int(state.step)
     batches = _TrainBatches(train_loader, mesh, start_epoch, epochs, loader_state)
     compiled = False
+    guard = _SkipGuard(max_consecutive_skips) if skip_nonfinite else None
     try:
         for epoch in range(batches.start_epoch, epochs):
             t_epoch = time.perf_counter()
@@ -681,7 +760,7 @@ def fit(
                 leave=False,
                 disable=None if progress and jax.process_index() == 0 else True,
             )
-            run = _EpochRun(bar, step, compiled)
+            run = _EpochRun(bar, step, compiled, guard)
             try:
                 for index, batch in enumerate(epoch_batches, start=start_index):
                     state, metrics = run.step(train_step, state, batch)
@@ -690,6 +769,7 @@ def fit(
                 run.end()
             finally:
                 bar.close()
+            _SkipGuard.check_epoch(epoch, run.skipped, run.steps - run.first_step)
             if run.totals["count"] == 0 and batches.steps_per_epoch != start_index:
                 raise ConfigError(
                     f"the training loader gave no batch in epoch {epoch + 1}; pass a loader "

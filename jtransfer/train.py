@@ -17,6 +17,12 @@ value is then traced: frozen stages still run BatchNorm on running statistics,
 but gradients are computed and must be zeroed by the optimizer (schedules in
 `jtransfer.partition`), so one compilation serves every phase.
 
+``skip_nonfinite=True`` makes a step whose loss or gradient holds a NaN or an
+infinity (or whose update would make a parameter non-finite) a no-op on params,
+batch_stats and opt_state (selected inside the
+compiled step: no re-compile, no host round trip), reported as
+``metrics["skipped"]``; `jtransfer.fit` counts and limits such steps.
+
 Batches are ``{"image": float32 (N, H, W, 3) ImageNet-normalised, "label": int32 (N,)}``.
 
 Example:
@@ -335,6 +341,7 @@ def make_train_step(
     mesh: Mesh | None = None,
     donate: bool = True,
     return_grads: bool = False,
+    skip_nonfinite: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """A jit-compiled `train_step(state, batch) -> (state, metrics)`.
 
@@ -356,11 +363,21 @@ def make_train_step(
         donate: donate the input state's buffers (the input state is unusable after).
         return_grads: also return the gradient that was applied, as
             `metrics["grads"]` (debugging and torch parity checks; costs memory).
+        skip_nonfinite: a step whose loss or any gradient leaf is NaN or infinite, or
+            whose update would make a parameter non-finite, leaves params, batch_stats
+            and opt_state bit-identical (as if its batch had not been there) and sets
+            `metrics["skipped"]` to 1. `state.step` still advances: it counts batches,
+            so the loader position and checkpoint numbering stay aligned, while the
+            optimizer's own counts (learning-rate and unfreeze schedules) count
+            applied updates only. A traced `frozen_stages` follows `state.step`, so each
+            skipped step of a frozen phase moves its BatchNorm switch one step ahead of
+            the optimizer's unfreezing.
 
     Returns:
         The jitted step. `metrics` has "loss" (the reduced loss that was
         differentiated) and the summable "loss_sum", "correct", "count" (see
-        `summarize`); pass them to `check_finite` to stop on a NaN.
+        `summarize`), plus int32 "skipped" (0 or 1) with `skip_nonfinite`; pass
+        them to `check_finite` to stop on a NaN.
     """
     _check_options(model, loss_reduction, bn_policy, frozen_stages)
     model = _with_dtype(model, compute_dtype)
@@ -376,11 +393,33 @@ def make_train_step(
             batch_stats=batch_stats,
             opt_state=opt_state,
         )
+        if skip_nonfinite:
+            finite = (
+                jnp.isfinite(metrics["loss"]) & all_finite(grads) & all_finite(new_state.params)
+            )
+            new_state = new_state.replace(
+                **{
+                    name: _select(finite, getattr(new_state, name), getattr(state, name))
+                    for name in ("params", "batch_stats", "opt_state")
+                }
+            )
+            metrics = {**metrics, "skipped": jnp.logical_not(finite).astype(jnp.int32)}
         if return_grads:
             metrics = {**metrics, "grads": grads}
         return new_state, metrics
 
     return _jit(train_step, mesh, donate)
+
+
+def all_finite(tree: Any) -> Array:
+    """A bool scalar: every element of every leaf of `tree` is finite (no NaN, no inf)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _select(keep_new: Array, new: Any, old: Any) -> Any:
+    # jnp.where picks `old`'s bits exactly, so a skipped step is bit-identical to no step.
+    return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, old)
 
 
 def make_eval_step(
@@ -430,6 +469,13 @@ def summarize(metrics: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     }
 
 
+NONFINITE_ADVICE = (
+    "The learning rate is probably too high (note that a summed loss scales the gradient "
+    "with the batch size): lower it, e.g. 10x; also check the inputs are finite and "
+    "ImageNet-normalised, and try compute_dtype=None (float32) if you use bfloat16."
+)
+
+
 def check_finite(metrics: Mapping[str, Any], step: int | Array) -> None:
     """Raises NonFiniteLossError if a step's loss is NaN or infinite.
 
@@ -443,8 +489,5 @@ def check_finite(metrics: Mapping[str, Any], step: int | Array) -> None:
     loss = float(metrics["loss"])
     if not math.isfinite(loss):
         raise NonFiniteLossError(
-            f"the training loss is {loss} at step {int(step)}. The learning rate is "
-            "probably too high (note that a summed loss scales the gradient with the "
-            "batch size): lower it, e.g. 10x; also check the inputs are finite and "
-            "ImageNet-normalised, and try compute_dtype=None (float32) if you use bfloat16."
+            f"the training loss is {loss} at step {int(step)}. {NONFINITE_ADVICE}"
         )

@@ -93,6 +93,10 @@ def test_round_trip_is_bit_exact_with_optimizer_rng_and_loader_state(tmp_path, f
     assert restored.extra == {"note": "x"}
     assert restored.metadata["arch"] == "resnet18"
     assert restored.metadata["jtransfer_version"] == jt.__version__
+    # Where training stood, without reading the arrays.
+    progress = checkpoint.read_progress(tmp_path / "ck")
+    assert (progress["step"], progress["epoch"], progress["phase"]) == (3, 1, "frozen")
+    assert progress["extra"] == {"note": "x"} and "crc32" not in progress
 
     resumed = iter(loader)
     resumed.set_state(restored.loader_state)

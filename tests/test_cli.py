@@ -6,9 +6,8 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_subprocess import assert_bit_identical, python_m_jtransfer, saved_state, subprocess_env
 
 from jtransfer import checkpoint, cli, data, train
 
@@ -73,25 +73,11 @@ def finetune_argv(dataset: Path, weights: Path, out: Path, *extra: str) -> list[
 
 
 @pytest.fixture(scope="module")
-def subprocess_env(workdir) -> dict[str, str]:
-    """Runs of `python -m jtransfer` share compiled XLA programs through JAX's disk cache."""
-    return {
-        **os.environ,
-        "JAX_COMPILATION_CACHE_DIR": str(workdir / "xla-cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    }
-
-
-def python_m_jtransfer(argv, env, **kwargs) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "jtransfer", *map(str, argv)]
-    return subprocess.run(command, env=env, capture_output=True, text=True, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def finetuned(dataset, weights, workdir, subprocess_env) -> tuple[Path, str]:
+def finetuned(dataset, weights, workdir) -> tuple[Path, str]:
     """One uninterrupted `python -m jtransfer finetune` run: its --out directory and stdout."""
     out = workdir / "run"
-    run = python_m_jtransfer(finetune_argv(dataset, weights, out), subprocess_env, timeout=600)
+    env = subprocess_env(workdir / "xla-cache")
+    run = python_m_jtransfer(finetune_argv(dataset, weights, out), env, timeout=600)
     assert run.returncode == 0, run.stderr
     return out, run.stdout
 
@@ -182,6 +168,10 @@ def test_help_speaks_pytorch():
         "torch.optim.SGD",
         "resuming from step",
         "130",
+        "--unfreeze-after",
+        "fine_tune(epochs, freeze_epochs=2)",
+        "--skip-nonfinite",
+        "GradScaler",
     ):
         assert text in stdout
     code, stdout, _ = run_cli("--help")
@@ -276,6 +266,75 @@ def test_freeze_options_become_rules(freeze, labels):
     assert partition.frozen_prefix("resnet18", rules) == expected_prefix
 
 
+@pytest.mark.parametrize(
+    ("freeze", "label", "prefix"), [(["backbone"], "backbone", 5), (["stem"], "frozen", 1)]
+)
+def test_unfreeze_after_puts_the_frozen_label_on_a_schedule(freeze, label, prefix):
+    from jtransfer import fit
+
+    rules = cli.freeze_rules("resnet18", freeze, 10.0, unfreeze_step=8)
+    groups = {g.name: g for _, g in rules}
+    # The same labels as the frozen run, but one optimizer state for both phases.
+    assert list(groups) == [g.name for _, g in cli.freeze_rules("resnet18", freeze, 10.0)]
+    assert not any(g.is_frozen for g in groups.values())
+    assert [float(groups[label].mult_at(s)) for s in (0, 7, 8, 50)] == [0, 0, 1, 1]
+    assert groups["head"].lr_mult == 10.0
+    # One compilation: the frozen prefix is a function of the step.
+    frozen_stages = fit.frozen_stages_for("resnet18", rules)
+    assert [int(frozen_stages(s)) for s in (0, 7, 8, 50)] == [prefix, prefix, 0, 0]
+
+
+@pytest.mark.parametrize(
+    ("freeze", "unfreeze_step", "phases"),
+    [
+        (["backbone"], 4, ["frozen", "frozen", "unfrozen", "unfrozen"]),
+        (["backbone"], None, ["frozen"] * 4),
+        (["none"], None, ["unfrozen"] * 4),
+    ],
+)
+def test_each_checkpoint_records_the_phase_of_the_next_step(freeze, unfreeze_step, phases):
+    hooks = cli._CheckpointHooks(
+        None, cli._SignalStop(), frozen=freeze != ["none"], unfreeze_step=unfreeze_step
+    )
+    assert [hooks.phase(step) for step in (0, 3, 4, 9)] == phases
+
+
+def test_divergence_stops_keeping_the_last_good_checkpoint_then_skip_nonfinite_resumes(
+    dataset, weights_safetensors, tmp_path
+):
+    """A non-finite state is never saved; rerun with --skip-nonfinite, such steps change nothing."""
+    out = tmp_path / "out"
+    argv = finetune_argv(dataset, weights_safetensors, out, "--freeze", "backbone")
+    argv += ["--lr", "1e30", "--save-every", "1", "--epochs", "1"]  # the head overflows
+    code, _, stderr = run_cli(*argv)
+    assert code == 1
+    line = _one_line_error(stderr)
+    found = re.search(r"(training loss is nan at step|the update of step) (\d+)", line)
+    assert found and "lower it" in line, line
+    bad_step = int(found.group(2))
+    # Checkpoint N holds the state after N steps: the last one is from before the bad step.
+    assert checkpoint.checkpoint_steps(out) == [bad_step]
+    good = saved_state(out, bad_step)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(good))
+
+    code, stdout, stderr = run_cli(*argv, "--skip-nonfinite", "2")
+    assert f"resuming from step {bad_step} " in stdout
+    assert code == 1
+    line = _one_line_error(stderr).lower()
+    assert f"2 steps in a row had a non-finite loss, gradient or update (steps {bad_step}.." in line
+    assert f"the state is the one before step {bad_step}" in line
+    # The skipped steps were saved (--save-every 1) and left the model as it was.
+    latest = checkpoint.checkpoint_steps(out)[-1]
+    assert latest > bad_step
+    assert_bit_identical(saved_state(out, latest)["params"], good["params"])
+
+
+def test_max_skips_default_is_the_library_default():
+    from jtransfer import fit
+
+    assert cli.DEFAULT_MAX_SKIPS == fit.MAX_CONSECUTIVE_SKIPS
+
+
 def test_a_signal_during_training_saves_then_stops(tmp_path):
     """The first SIGTERM is a flag; the next step end saves a checkpoint and stops training."""
     ckpt = checkpoint.Checkpointer(tmp_path, best_metric=None)
@@ -285,6 +344,7 @@ def test_a_signal_during_training_saves_then_stops(tmp_path):
 
         class Info:
             epoch, index, step = 0, 2, 3
+            metrics = {"loss": jnp.float32(0.5)}
 
             @staticmethod
             def loader_state():
@@ -308,43 +368,3 @@ def test_a_signal_during_training_saves_then_stops(tmp_path):
     restored = ckpt.restore_latest(checkpoint.abstract_state(state))
     assert restored.step == 3 and restored.loader_state == b'{"next_batch": 3}'
     ckpt.close()
-
-
-def _complete_steps(out: Path) -> list[int]:
-    if not out.is_dir():
-        return []
-    return [int(p.name) for p in out.iterdir() if p.name.isdigit()]
-
-
-def test_sigkill_then_rerun_ends_bit_identical_to_an_uninterrupted_run(
-    finetuned, dataset, weights_safetensors, workdir, subprocess_env
-):
-    out = workdir / "killed"
-    argv = finetune_argv(dataset, weights_safetensors, out, "--save-every", "3")
-    command = [sys.executable, "-m", "jtransfer", *map(str, argv)]
-    first = subprocess.Popen(
-        command, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 300
-    while not _complete_steps(out) and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    first.send_signal(signal.SIGKILL)  # no handler, no cleanup: as a crash or an OOM kill
-    _, err = first.communicate()
-    assert first.returncode == -signal.SIGKILL, err.decode()
-    killed_at = max(_complete_steps(out))
-    assert 1 <= killed_at < TOTAL_STEPS
-
-    second = python_m_jtransfer(argv, subprocess_env, timeout=300)
-    assert second.returncode == 0, second.stderr
-    resumed = int(second.stdout.split("resuming from step ")[1].split()[0])
-    assert killed_at <= resumed < TOTAL_STEPS
-
-    # Everything: params, batch_stats, optimizer state, step and rng key.
-    import orbax.checkpoint as ocp
-
-    reader = ocp.StandardCheckpointer()
-    expected = reader.restore(finetuned[0] / str(TOTAL_STEPS) / "state")
-    actual = reader.restore(out / str(TOTAL_STEPS) / "state")
-    assert jax.tree_util.tree_structure(expected) == jax.tree_util.tree_structure(actual)
-    for x, y in zip(jax.tree.leaves(expected), jax.tree.leaves(actual), strict=True):
-        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()

@@ -110,7 +110,7 @@ def test_history_has_one_entry_per_epoch_with_d2l_numbers(trained):
     assert int(state.step) == 4 * steps_per_epoch
     for h in history:
         assert tuple(h) == fit.HISTORY_KEYS
-        assert h["train_count"] == 32 and h["test_count"] == 16
+        assert h["train_count"] == 32 and h["test_count"] == 16 and h["skipped"] == 0
         assert 0 <= h["train_acc"] <= 1 and 0 <= h["test_acc"] <= 1
         assert h["train_loss"] > 0 and h["test_loss"] > 0
         assert h["examples_per_s"] > 0 and h["epoch_s"] > 0
@@ -269,3 +269,130 @@ def test_loaders_that_cannot_serve_every_epoch_are_refused(folders, model, varia
 @pytest.mark.parametrize("arch", jt.models.ARCHS)
 def test_infer_arch_names_every_registered_model(arch):
     assert fit.infer_arch(jt.models.create(arch, num_classes=3)) == arch
+
+
+def _batches(seed: int, bad: dict[int, float] | None = None, n: int = 3) -> list[dict]:
+    """`n` random batches of 4; batch i of `bad` gets one pixel set to `bad[i]` (NaN or inf)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        image = rng.normal(size=(4, SIZE, SIZE, 3)).astype(np.float32)
+        if i in (bad or {}):
+            image[1, 5, 5, 0] = bad[i]
+        out.append({"image": image, "label": np.arange(4, dtype=np.int32) % 2})
+    return out
+
+
+# layer4 and fc train, so BatchNorm statistics change and a skipped step must restore them.
+LAYER4_AND_HEAD = partition.rules(ARCH, default="frozen", layer4=1.0, fc=10.0)
+SKIP_KWARGS = dict(learning_rate=1e-2, momentum=0.9, loss_reduction="mean", progress=False)
+
+
+def test_skip_nonfinite_is_bit_identical_to_leaving_the_bad_batches_out(model, variables):
+    good = _batches(0)
+    nan_batch, inf_batch = _batches(1, bad={0: np.nan, 1: np.inf}, n=2)
+    with_bad = [good[0], nan_batch, good[1], inf_batch, good[2]]  # each epoch iterates it
+    lines: list[str] = []
+    skipped, history = fit.fit(
+        model,
+        variables,
+        LAYER4_AND_HEAD,
+        with_bad,
+        epochs=2,
+        skip_nonfinite=True,
+        log=lines.append,
+        **SKIP_KWARGS,
+    )
+    # The same run on the good batches alone. (It keeps skip_nonfinite on: the flag changes
+    # how XLA fuses the BatchNorm running-statistics update, which can move those by one
+    # float32 ulp against a run without it.)
+    reference, _ = fit.fit(
+        model,
+        variables,
+        LAYER4_AND_HEAD,
+        good,
+        epochs=2,
+        skip_nonfinite=True,
+        log=None,
+        **SKIP_KWARGS,
+    )
+    assert [h["skipped"] for h in history] == [2, 2]
+    assert all("skipped 2 non-finite step(s)" in line for line in lines)
+    assert [h["train_count"] for h in history] == [12, 12]  # bad batches left out
+    assert all(math.isfinite(h["train_loss"]) for h in history)
+    # params, BatchNorm statistics and optimizer state (momentum, counts) bit for bit;
+    # only the step counter also counted the two bad batches of each epoch.
+    assert (int(skipped.step), int(reference.step)) == (10, 6)
+    for part in ("params", "batch_stats", "opt_state"):
+        got, want = getattr(skipped, part), getattr(reference, part)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert np.asarray(x).tobytes() == np.asarray(y).tobytes(), part
+    # The comparison covers BatchNorm statistics that training moved (layer4's).
+    before, after = flat(variables["batch_stats"]), flat(skipped.batch_stats)
+    assert sorted({k.split("/")[0] for k in before if not np.array_equal(before[k], after[k])}) == [
+        "layer4_0",
+        "layer4_1",
+    ]
+
+
+class PerEpoch:
+    """A re-iterable loader serving a different list of batches in each epoch."""
+
+    def __init__(self, *epochs: list[dict]) -> None:
+        self.epochs = epochs
+        self.started = 0
+
+    def __iter__(self):
+        self.started += 1
+        return iter(self.epochs[self.started - 1])
+
+
+@pytest.mark.parametrize(
+    ("epochs", "limit", "message"),
+    [
+        # A streak across the epoch boundary: steps 2, 3 and 4 (0-based).
+        (
+            lambda g, b: ([g[0], g[1], b[0]], [b[1], b[2], g[2]]),
+            3,
+            r"3 steps in a row .*steps 2\.\.4.*each was skipped.*before step 2.*lower it",
+        ),
+        # A whole epoch of them, fewer than the limit.
+        (
+            lambda g, b: (g, b),
+            10,
+            r"every one of the 3 step\(s\) of epoch 2 .*skipped.*lower it",
+        ),
+    ],
+    ids=["in a row", "whole epoch"],
+)
+def test_skip_nonfinite_still_stops_a_diverged_run(model, variables, epochs, limit, message):
+    good, bad = _batches(0), _batches(1, bad={0: np.nan, 1: np.nan, 2: np.inf})
+    lines: list[str] = []
+    with pytest.raises(NonFiniteLossError, match=message):
+        fit.fit(
+            model,
+            variables,
+            partition.preset(ARCH, "head"),
+            PerEpoch(*epochs(good, bad)),
+            epochs=2,
+            skip_nonfinite=True,
+            max_consecutive_skips=limit,
+            log=lines.append,
+            **SKIP_KWARGS,
+        )
+    assert len(lines) == 1  # epoch 1 finished and was reported
+
+
+def test_max_consecutive_skips_must_be_positive(model, variables):
+    with pytest.raises(ConfigError, match="max_consecutive_skips must be an int >= 1"):
+        fit.fit(
+            model,
+            variables,
+            partition.finetune(ARCH),
+            [],
+            epochs=1,
+            skip_nonfinite=True,
+            max_consecutive_skips=0,
+            learning_rate=1e-3,
+        )

@@ -846,6 +846,11 @@ def _data_without_test(tmp: Path, env: Env) -> Input:
     return {"data": str(root)}
 
 
+def _out_not_created(inp: Input, _) -> None:
+    """Refused before anything was written: no --out directory"""
+    assert not Path(inp["out"]).exists()
+
+
 CLI = [
     Case(
         "finetune without --data (usage error)",
@@ -870,6 +875,36 @@ CLI = [
         lambda i: _run_cli(["finetune", "--data", i["data"], "--out", Path(i["data"]).parent]),
         1,
         ("--data {data}", "must hold train/ and test/", "['extra', 'train']"),
+    ),
+    Case(
+        "finetune --unfreeze-after with nothing frozen",
+        "cli",
+        lambda tmp, env: {"out": str(tmp / "out")},
+        lambda i: _run_cli(["finetune", "--data", "x", "--unfreeze-after", "1", "--out", i["out"]]),
+        1,
+        ("--unfreeze-after 1", "needs something frozen", "add --freeze backbone"),
+        intact=_out_not_created,
+    ),
+    Case(
+        "finetune --unfreeze-after not below --epochs",
+        "cli",
+        lambda tmp, env: {"out": str(tmp / "out")},
+        lambda i: _run_cli(
+            ["finetune", "--data", "x", "--freeze", "backbone", "--epochs", "3"]
+            + ["--unfreeze-after", "3", "--out", i["out"]]
+        ),
+        1,
+        ("--unfreeze-after 3 must be less than --epochs 3", "nothing is ever unfrozen", "raise"),
+        intact=_out_not_created,
+    ),
+    Case(
+        "finetune --skip-nonfinite 0",
+        "cli",
+        lambda tmp, env: {"out": str(tmp / "out")},
+        lambda i: _run_cli(["finetune", "--data", "x", "--skip-nonfinite", "0", "--out", i["out"]]),
+        1,
+        ("--skip-nonfinite 0", "must be >= 1"),
+        intact=_out_not_created,
     ),
     Case(
         "predict --checkpoint that does not exist",
