@@ -35,6 +35,7 @@ from jtransfer.errors import ConfigError
 
 __all__ = [
     "ENV_COORDINATOR",
+    "ENV_HEARTBEAT_TIMEOUT",
     "ENV_NUM_PROCESSES",
     "ENV_PROCESS_ID",
     "global_batch",
@@ -48,6 +49,7 @@ __all__ = [
 ENV_COORDINATOR = "JTRANSFER_COORDINATOR"
 ENV_NUM_PROCESSES = "JTRANSFER_NUM_PROCESSES"
 ENV_PROCESS_ID = "JTRANSFER_PROCESS_ID"
+ENV_HEARTBEAT_TIMEOUT = "JTRANSFER_HEARTBEAT_TIMEOUT"
 
 
 def initialize(
@@ -56,6 +58,7 @@ def initialize(
     process_id: int | None = None,
     *,
     auto: bool = False,
+    heartbeat_timeout_s: int | None = None,
 ) -> bool:
     """Joins this process to a multi-process JAX run (`jax.distributed.initialize`).
 
@@ -65,11 +68,23 @@ def initialize(
     of them set, JAX detects the cluster itself (SLURM, Open MPI, Cloud TPU pod slices).
     On CPU, the cross-process collectives are set to gloo first.
 
+    A process that dies (killed, out of memory, host lost) does not leave the others hanging
+    forever: they abort (SIGABRT, "Terminating process because the JAX distributed service
+    detected fatal errors"), at once if process 0 (which hosts the coordination service) died
+    and its connections closed, else once the service has missed the dead process's heartbeats
+    for `heartbeat_timeout_s` (meanwhile they wait in a collective or checkpoint barrier).
+    A checkpoint is complete only when every process has written its part, so rerunning all
+    the processes resumes from the last complete one.
+
     Args:
         coordinator: ``host:port`` of the coordinator (process 0).
         num_processes: processes in the run.
         process_id: this process's index, ``0 .. num_processes - 1``.
         auto: with no explicit setting, let `jax.distributed.initialize()` auto-detect.
+        heartbeat_timeout_s: seconds without a heartbeat after which a process counts as
+            dead and the run is aborted; else ``JTRANSFER_HEARTBEAT_TIMEOUT``, else JAX's
+            default (100 s). A short one ends a broken run sooner but can abort a healthy
+            run on a machine so overloaded that heartbeats stall.
 
     Returns:
         True if `jax.distributed` was initialised, False if nothing asked for it (a plain
@@ -84,12 +99,19 @@ def initialize(
         num_processes = _int(ENV_NUM_PROCESSES, env[ENV_NUM_PROCESSES])
     if process_id is None and env.get(ENV_PROCESS_ID):
         process_id = _int(ENV_PROCESS_ID, env[ENV_PROCESS_ID])
+    if heartbeat_timeout_s is None and env.get(ENV_HEARTBEAT_TIMEOUT):
+        heartbeat_timeout_s = _int(ENV_HEARTBEAT_TIMEOUT, env[ENV_HEARTBEAT_TIMEOUT])
+    if heartbeat_timeout_s is not None and heartbeat_timeout_s < 1:
+        raise ConfigError(f"the heartbeat timeout must be >= 1 s, got {heartbeat_timeout_s}")
+    timeouts = (
+        {} if heartbeat_timeout_s is None else {"heartbeat_timeout_seconds": heartbeat_timeout_s}
+    )
     explicit = (coordinator, num_processes, process_id)
     if all(v is None for v in explicit):
         if not auto:
             return False
         _use_gloo_on_cpu()
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
         return True
     if any(v is None for v in explicit):
         raise ConfigError(
@@ -108,7 +130,10 @@ def initialize(
         raise ConfigError(f"the coordinator must be host:port, got {coordinator!r}")
     _use_gloo_on_cpu()
     jax.distributed.initialize(
-        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+        coordinator_address=coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
+        **timeouts,
     )
     return True
 
