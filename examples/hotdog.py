@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 
 import jtransfer as jt
 import porting
-from jtransfer import data, download, fit, partition
+from jtransfer import compile_cache, data, download, fit, partition
 from jtransfer.errors import ConfigError, DataError, DownloadError, JTransferError
 from porting import io as porting_io
 
@@ -417,6 +417,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-scratch", action="store_true", help="skip the scratch baseline")
     p.add_argument("--demo", action="store_true", help="run the offline demo, no downloads")
     p.add_argument("--workers", type=int, help="loader worker processes (default: 0 for the demo)")
+    p.add_argument(
+        "--compile-cache",
+        default=None,
+        metavar="DIR|off",
+        help="JAX compilation cache, so a second run starts fast (default: "
+        "$JTRANSFER_COMPILE_CACHE, else ~/.cache/jtransfer/xla; off to disable)",
+    )
     # Advanced: sizes for quick checks and tests.
     p.add_argument("--image-size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--demo-per-class", type=int, nargs=2, help=argparse.SUPPRESS)
@@ -617,6 +624,7 @@ def run(args: argparse.Namespace, say) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
+    compile_cache.enable(args.compile_cache)  # before the first compilation
     try:
         record = run(args, lambda line: print(line, flush=True))
     except JTransferError as e:

@@ -133,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    common.add_argument(
+        "--compile-cache",
+        default=None,
+        metavar="DIR|off",
+        help="JAX persistent compilation cache: a restarted or repeated run loads its "
+        "compiled steps instead of compiling them again (default: $JTRANSFER_COMPILE_CACHE, "
+        "else ~/.cache/jtransfer/xla; off to disable)",
+    )
     fmt = argparse.RawDescriptionHelpFormatter
     parser = _Parser(prog=PROG, description=_DESCRIPTION, formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -341,6 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "export": _export,
         "lr-find": lr_find.run,
     }
+    from jtransfer import compile_cache
+
+    compile_cache.enable(args.compile_cache)  # before anything compiles; warns if unwritable
     with warnings.catch_warnings(), _quiet_libraries(args.debug):
         try:
             return commands[args.command](args, argv)
