@@ -17,38 +17,34 @@ parity = pytest.importorskip("porting.parity")
 TARGET = 1e-5  # max|jax - torch| / max|torch|
 
 
+# Module-scoped and parametrised: pytest runs every test of one architecture
+# before the next, so each is measured once and one at a time is held in memory.
+@pytest.fixture(scope="module", params=jt.models.ARCHS)
+def arch(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def measured():
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            cache.clear()  # one architecture's torch model and results at a time
-            cache[arch] = parity.measure(arch, sizes=(224, 97), batch=2), _roundtrip(arch)
-        return cache[arch]
-
-    return get
+def measured(arch):
+    return parity.measure(arch, sizes=(224, 97), batch=2), _roundtrip(arch)
 
 
-@pytest.mark.parametrize("arch", jt.models.ARCHS)
 def test_eval_logits_and_features_match_torchvision(arch, measured):
-    r, _ = measured(arch)
+    r, _ = measured
     assert r.eval_logits <= TARGET, r
     assert r.eval_features <= TARGET, r
 
 
-@pytest.mark.parametrize("arch", jt.models.ARCHS)
 def test_train_mode_logits_and_running_stats_match_torchvision(arch, measured):
-    r, _ = measured(arch)
+    r, _ = measured
     # Deep ResNets in train mode amplify float32 rounding through batch-statistics
     # BatchNorm: torch's own float32 result is then further than 1e-5 from its
     # float64 result. There, jtransfer must be as close to float64 as torch is.
     assert r.train_within_target(TARGET), r
 
 
-@pytest.mark.parametrize("arch", jt.models.ARCHS)
 def test_export_round_trip_is_bit_exact_and_loads_strict(arch, measured):
-    _, (sd, exported) = measured(arch)
+    _, (sd, exported) = measured
     assert set(exported) == set(sd)
     for key, value in sd.items():
         if "num_batches_tracked" not in key:
