@@ -22,7 +22,20 @@ moves a gradient by up to ~10%; the runs then drift apart at the rate torch
 float32 drifts from torch float64. `compare(float64_reference=True)` runs torch
 in float64 too and reports that drift beside jtransfer's (`torch_noise`).
 
-`python -m porting.training` prints the per-step tables and a summary.
+What float64 shows: `compare(precision="float64")` runs torch in float64 and
+jtransfer in float64 (jax x64, float64 parameters and BatchNorm statistics).
+There no pre-activation comes within rounding of a kink, both sides take the
+same branch at every ReLU, and what is left of the difference is float64
+rounding: the check of the algorithm that float32 cannot give. x64 must be
+enabled before jax makes its first array, so it runs in its own process:
+`python -m porting.training --float64`.
+
+Checking the check: `compare(..., recipe_error=NAME)` trains the jax side with
+one of `RECIPE_ERRORS` (a wrong head multiplier, a wrong weight decay) while
+torch keeps the scenario's recipe; the errors must then be large.
+
+`python -m porting.training` prints the per-step tables and a summary
+(`--json PATH` also writes them as JSON).
 
 Relative error of a tensor = max|jax - torch| / max|torch|, worst over tensors,
 where max|torch| is the largest the tensor has been so far in the run.
@@ -33,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -48,9 +62,12 @@ from flax import traverse_util
 import jtransfer as jt
 from jtransfer import partition, train
 from porting.parity import randomize_batchnorm
-from porting.torchvision import from_torchvision, to_torchvision, torch_key
+from porting.torchvision import _to_torch, from_torchvision, torch_key
 
 QUANTITIES = ("loss", "grads", "params", "batch_stats")
+# Both sides compute in the same dtype: the float32 product, or float64 to check
+# the algorithm where rounding cannot flip a ReLU.
+PRECISIONS = {"float32": (torch.float32, jnp.float32), "float64": (torch.float64, jnp.float64)}
 
 
 @dataclass(frozen=True)
@@ -144,6 +161,32 @@ SCENARIOS = {
 }
 
 
+def _head_rule_index(s: Scenario) -> int:
+    head = f"{jt.models.family(s.arch).head}/kernel"
+    hits = [i for i, (rx, _) in enumerate(s.rules) if re.fullmatch(rx, head)]
+    if len(hits) != 1:
+        raise ValueError(f"{s.name}: {len(hits)} rules match {head}; exactly one must")
+    return hits[0]
+
+
+def _head_lr_mult_off(s: Scenario) -> Scenario:
+    i = _head_rule_index(s)
+    rx, spec = s.rules[i]
+    group = partition.as_group(spec)
+    wrong = replace(group, lr_mult=group.lr_mult / 10)
+    return replace(s, rules=(*s.rules[:i], (rx, wrong), *s.rules[i + 1 :]))
+
+
+# Mistakes a port of a recipe can make; `compare(..., recipe_error=...)` gives one
+# to the jax side only, to show that the comparison catches it.
+RECIPE_ERRORS = {
+    # The head trains at a tenth of its rate (d2l: 1x, the body's rate, for 10x).
+    "head_lr_mult": _head_lr_mult_off,
+    # Ten times the weight decay.
+    "weight_decay": lambda s: replace(s, weight_decay=10 * s.weight_decay),
+}
+
+
 @dataclass
 class StepRecord:
     """One training step, keyed by torch state_dict names, as numpy.
@@ -152,6 +195,7 @@ class StepRecord:
     `params` (trainable ones only) and `batch_stats` the values after the update.
     `frozen_changed` lists the frozen parameters that are no longer bit-identical
     to their initial value (checked on the last step of `run_jax`; else None).
+    `loss_dtype` is the dtype the loss was computed in.
     """
 
     loss: float
@@ -159,6 +203,7 @@ class StepRecord:
     params: dict[str, np.ndarray]
     batch_stats: dict[str, np.ndarray]
     frozen_changed: list[str] | None = None
+    loss_dtype: str = "float32"
 
 
 def make_batches(s: Scenario) -> list[dict[str, np.ndarray]]:
@@ -184,8 +229,8 @@ def _torch_model(s: Scenario) -> torch.nn.Module:
     return getattr(torchvision.models, s.arch)(num_classes=s.num_classes, **_no_dropout(s.arch))
 
 
-def _jax_model(s: Scenario):
-    return jt.models.create(s.arch, num_classes=s.num_classes, **_no_dropout(s.arch))
+def _jax_model(s: Scenario, dtype=jnp.float32):
+    return jt.models.create(s.arch, num_classes=s.num_classes, dtype=dtype, **_no_dropout(s.arch))
 
 
 def torch_net(s: Scenario) -> torch.nn.Module:
@@ -305,6 +350,7 @@ def run_torch(
                 for n, b in net.named_buffers()
                 if n.endswith(("running_mean", "running_var"))
             },
+            loss_dtype=str(loss.dtype).removeprefix("torch."),
         )
 
 
@@ -315,7 +361,10 @@ def _select(tree, keep: set[str]):
 
 
 def run_jax(
-    s: Scenario, state_dict: dict[str, torch.Tensor], batches: Sequence[dict[str, np.ndarray]]
+    s: Scenario,
+    state_dict: dict[str, torch.Tensor],
+    batches: Sequence[dict[str, np.ndarray]],
+    dtype=jnp.float32,
 ) -> Iterator[StepRecord]:
     """Trains the ported model with `jtransfer.train`; yields one record per step.
 
@@ -325,12 +374,22 @@ def run_jax(
 
     Args:
         s, state_dict, batches: as `run_torch`.
+        dtype: jnp.float64 computes in float64 (the model's `dtype`, float64
+            parameters and statistics); jax x64 must be enabled.
 
     Yields:
         A StepRecord per batch; the last one also says which frozen parameters changed.
+
+    Raises:
+        RuntimeError: float64 asked for without jax x64.
     """
-    variables = from_torchvision(state_dict, s.arch)
-    model = _jax_model(s)
+    if jnp.dtype(dtype) == jnp.float64 and not jax.config.jax_enable_x64:
+        raise RuntimeError(
+            "float64 needs jax x64, enabled before jax makes any array: run "
+            "`python -m porting.training --float64`, or set JAX_ENABLE_X64=1"
+        )
+    variables = jax.tree.map(lambda a: a.astype(dtype), from_torchvision(state_dict, s.arch))
+    model = _jax_model(s, dtype)
     tx = partition.make_optimizer(
         variables["params"],
         list(s.rules),
@@ -354,9 +413,10 @@ def run_jax(
         grads = _select(metrics["grads"], trainable)
         record = StepRecord(
             float(metrics["loss"]),
-            _numpy(to_torchvision({"params": grads}, s.arch)),
-            _numpy(to_torchvision({"params": _select(state.params, trainable)}, s.arch)),
-            _numpy(to_torchvision({"batch_stats": state.batch_stats}, s.arch)),
+            _torch_named({"params": grads}, s.arch),
+            _torch_named({"params": _select(state.params, trainable)}, s.arch),
+            _torch_named({"batch_stats": state.batch_stats}, s.arch),
+            loss_dtype=str(metrics["loss"].dtype),
         )
         if i == len(batches) - 1:
             before = traverse_util.flatten_dict(variables["params"], sep="/")
@@ -367,8 +427,16 @@ def run_jax(
         yield record
 
 
-def _numpy(sd) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+def _torch_named(variables, arch: str) -> dict[str, np.ndarray]:
+    """{torch key: numpy array in torch's layout}, in the arrays' own dtype.
+
+    `to_torchvision` without its float32 cast (and `num_batches_tracked`), so
+    that a float64 run is compared in float64.
+    """
+    fam = jt.models.family(arch)
+    flat = traverse_util.flatten_dict(dict(variables))
+    # np.array copies: the train step donates (reuses) the buffers of the state.
+    return {torch_key(p): _to_torch(np.array(v), p, fam) for p, v in flat.items()}
 
 
 def _max_abs(x: np.ndarray) -> float:
@@ -431,8 +499,11 @@ class ParityReport:
     """Per step, the worst relative error of each quantity.
 
     Attributes:
-        scenario: what ran.
-        steps: jtransfer (float32) against torch (float32), per step.
+        scenario: what ran (torch's recipe).
+        precision: "float32" or "float64", the dtype both sides computed in.
+        recipe_error: the `RECIPE_ERRORS` entry the jax side ran with, or None.
+        jax_loss_dtype: the dtype jtransfer's train step computed the loss in.
+        steps: jtransfer against torch, both in `precision`, per step.
         torch_noise: torch float32 against torch float64 from the same start:
             how far float32 rounding alone moves torch. Empty if not measured.
         jax_vs_f64: jtransfer (float32) against torch float64. Empty if not measured.
@@ -442,6 +513,9 @@ class ParityReport:
     """
 
     scenario: Scenario
+    precision: str = "float32"
+    recipe_error: str | None = None
+    jax_loss_dtype: str = ""
     steps: list[dict[str, float]] = field(default_factory=list)
     torch_noise: list[dict[str, float]] = field(default_factory=list)
     jax_vs_f64: list[dict[str, float]] = field(default_factory=list)
@@ -465,13 +539,33 @@ class ParityReport:
             out[f"{q}@{n}"] = self.worst(q)
         return out
 
+    def to_json(self) -> dict:
+        """The figures as plain JSON types (what `--json` writes)."""
+        return {
+            "scenario": self.scenario.name,
+            "arch": self.scenario.arch,
+            "precision": self.precision,
+            "recipe_error": self.recipe_error,
+            "jax_loss_dtype": self.jax_loss_dtype,
+            "summary": self.summary(),
+            "steps": self.steps,
+            "worst_tensor": self.worst_tensor,
+            "torch_noise": self.torch_noise,
+            "jax_vs_f64": self.jax_vs_f64,
+            "seconds": self.seconds,
+        }
+
     def __str__(self) -> str:
         s = self.scenario
+        wrong = f", jax side with recipe error {self.recipe_error!r}" if self.recipe_error else ""
+        loss_note = ""
+        if self.jax_loss_dtype and self.jax_loss_dtype != self.precision:
+            loss_note = f"; jax loss in {self.jax_loss_dtype}"
         lines = [
             f"{s.name}: {s.arch}, {s.batch_size}x{s.image_size}px, lr {s.lr:g}, momentum "
             f"{s.momentum:g}, wd {s.weight_decay:g}, loss {s.loss_reduction}, frozen stages "
-            f"{s.frozen_stages} ({self.seconds:.0f}s)",
-            "      jax vs torch (float32)"
+            f"{s.frozen_stages}{wrong} ({self.seconds:.0f}s)",
+            f"      jax vs torch ({self.precision}{loss_note})"
             + " " * 28
             + ("| torch f32 vs torch f64" if self.torch_noise else ""),
             "step "
@@ -497,34 +591,55 @@ def _torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def compare(s: Scenario, *, float64_reference: bool = True, torch_threads: int = 1) -> ParityReport:
+def compare(
+    s: Scenario,
+    *,
+    precision: str = "float32",
+    float64_reference: bool = True,
+    recipe_error: str | None = None,
+    torch_threads: int = 1,
+) -> ParityReport:
     """Runs `s` through torch and jtransfer from the same weights and batches.
 
     Args:
         s: the scenario.
-        float64_reference: also run torch in float64, to show how far float32
-            rounding alone takes torch (`ParityReport.torch_noise`).
+        precision: "float32", or "float64" for both sides (jax x64 must be
+            enabled: run it as `python -m porting.training --float64`).
+        float64_reference: in float32, also run torch in float64, to show how far
+            float32 rounding alone takes torch (`ParityReport.torch_noise`).
+        recipe_error: a key of `RECIPE_ERRORS`: the jax side trains with that
+            mistake, torch with the scenario's recipe (checks that the check fails).
         torch_threads: torch intra-op threads while it runs.
 
     Returns:
-        The ParityReport (relative errors per step; torch float32 is the reference).
+        The ParityReport (relative errors per step; torch is the reference).
 
     Raises:
         AssertionError: the two sides train different parameters, or jtransfer
             changed a frozen one.
+        RuntimeError: float64 without jax x64.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     t0 = time.perf_counter()
+    torch_dtype, jax_dtype = PRECISIONS[precision]
+    float64_reference = float64_reference and precision == "float32"
+    jax_s = RECIPE_ERRORS[recipe_error](s) if recipe_error else s
     net = torch_net(s)
     state_dict = copy.deepcopy(net.state_dict())
     batches = make_batches(s)
-    report = ParityReport(s)
+    report = ParityReport(s, precision, recipe_error)
     scales: list[dict[str, dict[str, float]]] = [{}, {}, {}]
     with _torch_threads(torch_threads):
-        runs = [run_torch(s, state_dict, batches), run_jax(s, state_dict, batches)]
+        runs = [
+            run_torch(s, state_dict, batches, dtype=torch_dtype),
+            run_jax(jax_s, state_dict, batches, dtype=jax_dtype),
+        ]
         if float64_reference:
             runs.append(run_torch(s, state_dict, batches, dtype=torch.float64))
         for records in zip(*runs, strict=True):
             ref, got = records[0], records[1]
+            report.jax_loss_dtype = got.loss_dtype
             errors, where, per_tensor = step_errors(got, ref, scales[0])
             report.steps.append(errors)
             report.worst_tensor.append(where)
@@ -555,7 +670,7 @@ def markdown(reports: Sequence[ParityReport]) -> str:
     )
     rows = []
     for r in reports:
-        series = [("jtransfer vs torch", "steps")]
+        series = [(f"jtransfer vs torch ({r.precision})", "steps")]
         if r.torch_noise:
             series.append(("torch f32 vs torch f64", "torch_noise"))
         for label, of in series:
@@ -573,8 +688,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--scenarios", nargs="*", default=list(SCENARIOS), choices=list(SCENARIOS))
     p.add_argument("--steps", type=int, default=None, help="override each scenario's steps")
     p.add_argument("--seed", type=int, default=None, help="override each scenario's seed")
+    p.add_argument(
+        "--float64",
+        action="store_true",
+        help="both sides in float64 (enables jax x64): the check of the algorithm",
+    )
+    p.add_argument(
+        "--recipe-error",
+        choices=list(RECIPE_ERRORS),
+        default=None,
+        help="give the jax side this mistake (to see the comparison fail)",
+    )
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="only the summary table")
     args = p.parse_args(argv)
+    if args.float64:
+        # Before any jax array exists; arrays made earlier would stay float32.
+        jax.config.update("jax_enable_x64", True)
+    precision = "float64" if args.float64 else "float32"
     reports = []
     for name in args.scenarios:
         s = SCENARIOS[name]
@@ -582,9 +713,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             s = replace(s, steps=args.steps)
         if args.seed is not None:
             s = replace(s, seed=args.seed)
-        reports.append(compare(s))
+        reports.append(compare(s, precision=precision, recipe_error=args.recipe_error))
         print(f"{name}: {reports[-1].seconds:.0f}s" if args.quiet else reports[-1], flush=True)
     print(markdown(reports))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.to_json() for r in reports], f, indent=1)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,17 @@ def identical(a, b) -> bool:
     return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+def rel_err(a, b) -> float:
+    """max|a - b| / max|b|, in float64; `b` is the reference."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def worst_rel_err(a, b) -> float:
+    """The worst `rel_err` over the leaves of two pytrees of the same structure."""
+    return max(rel_err(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
 def test_train_step_updates_state_and_reports_summable_metrics(model, variables, batch):
     tx = optax.sgd(1e-3)
     state0 = train.create_train_state(model, variables, tx)
@@ -136,26 +147,30 @@ def test_bn_policy_frozen_uses_running_statistics_everywhere(model, variables, b
     assert all(g.any() for g in jax.tree.leaves(metrics["grads"]))
 
 
-def count_convolutions(fn, *args) -> int:
-    return jax.jit(fn).lower(*args).as_text().count("stablehlo.convolution")
+def heavy_ops(hlo: str) -> int:
+    """Convolutions and matrix products: the forward convs are XLA's, their backward
+    is dot_generals (jtransfer.models.conv), the head is a dot_general."""
+    return hlo.count("stablehlo.convolution") + hlo.count("stablehlo.dot_general")
 
 
 def test_static_freezing_removes_the_backward_convolutions(model, variables, batch):
     tx = optax.sgd(1e-3)
     state = train.create_train_state(model, variables, tx)
-    forward = count_convolutions(
-        lambda v, x: model.apply(v, x, train=False), variables, batch["image"]
-    )
-    counts = {
-        k: train.make_train_step(model, tx, frozen_stages=k)
-        .lower(state, batch)
+    forward_hlo = (
+        jax.jit(lambda v, x: model.apply(v, x, train=False))
+        .lower(variables, batch["image"])
         .as_text()
-        .count("stablehlo.convolution")
+    )
+    assert forward_hlo.count("stablehlo.convolution") == 20  # conv1 + 16 block + 3 downsample
+    counts = {
+        k: heavy_ops(
+            train.make_train_step(model, tx, frozen_stages=k).lower(state, batch).as_text()
+        )
         for k in (0, 3, 5)
     }
-    assert forward == 20  # conv1 + 16 block convs + 3 downsamples
-    # Whole backbone frozen: the step runs the forward convolutions and nothing else.
-    assert counts[5] == forward
+    # Whole backbone frozen: the forward's convolutions and head product, plus one
+    # product for the head's kernel gradient; no backward work in the backbone.
+    assert counts[5] <= heavy_ops(forward_hlo) + 1
     assert counts[0] > counts[3] > counts[5]
 
 
@@ -259,13 +274,7 @@ _DATA_PARALLEL = textwrap.dedent(
     from jtransfer import train
     from jtransfer.errors import ConfigError
     from tests.test_train import randomized_variables
-
-    def rel(a, b):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        return float(np.abs(a - b).max() / np.abs(b).max())
-
-    def worst(a, b):
-        return max(rel(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    from tests.test_train import rel_err as rel, worst_rel_err as worst
 
     assert jax.device_count() == 2, jax.devices()
     model = jt.models.create("resnet18", num_classes=3)
@@ -312,16 +321,20 @@ _DATA_PARALLEL = textwrap.dedent(
 )
 
 
-def test_data_parallel_on_two_devices_matches_one_device():
-    # The host device count is fixed when jax initialises: a fresh process.
+def run_on_two_cpu_devices(script: str, *, x64: bool = False) -> dict:
+    """Runs `script` in a fresh process with 2 host devices; the JSON its last line prints.
+
+    The host device count and x64 are fixed when jax initialises, hence the process.
+    """
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_ENABLE_X64"] = "1" if x64 else "0"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(
-        [sys.executable, "-c", _DATA_PARALLEL],
+        [sys.executable, "-c", script],
         cwd=root,
         env=env,
         capture_output=True,
@@ -329,7 +342,11 @@ def test_data_parallel_on_two_devices_matches_one_device():
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_data_parallel_on_two_devices_matches_one_device():
+    result = run_on_two_cpu_devices(_DATA_PARALLEL)
     err = result["err"]
     print("2 devices vs 1 device, relative errors:", err)
     assert result["batch_devices"] == 2 and result["batch_shard_rows"] == 4
@@ -346,3 +363,77 @@ def test_data_parallel_on_two_devices_matches_one_device():
     # updates by 100%.
     assert err["loss@3"] <= 1e-3 and err["batch_stats@3"] <= 1e-3, err
     assert err["updates@3"] <= 0.25, err
+
+
+_DATA_PARALLEL_FLOAT64 = textwrap.dedent(
+    """
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    import jtransfer as jt
+    from jtransfer import partition, train
+    from tests.test_train import randomized_variables, worst_rel_err
+
+    assert jax.device_count() == 2 and jax.config.jax_enable_x64
+    model = jt.models.create("resnet18", num_classes=3, dtype=jnp.float64)
+    to64 = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+    variables = to64(randomized_variables(model))
+    # d2l's full fine-tune: BatchNorm in train mode everywhere, every parameter
+    # trains (fc at 10x), coupled weight decay, summed loss; plus momentum.
+    tx = partition.make_optimizer(
+        variables["params"], partition.finetune("resnet18", head_lr_mult=10.0),
+        learning_rate=1e-3, momentum=0.9, weight_decay=1e-3)
+    mesh = train.data_parallel_mesh()
+    opts = dict(loss_reduction="sum", bn_policy="train", return_grads=True)
+    one = train.make_train_step(model, tx, **opts)
+    two = train.make_train_step(model, tx, mesh=mesh, **opts)
+    s1 = train.create_train_state(model, variables, tx)
+    s2 = train.create_train_state(model, variables, tx, mesh=mesh)
+    update = lambda s: jax.tree.map(lambda p, p0: np.asarray(p) - p0, s.params, variables["params"])
+    rng = np.random.default_rng(0)
+    steps = []
+    for i in range(3):
+        batch = {"image": rng.standard_normal((8, 64, 64, 3)),
+                 "label": rng.integers(0, 3, 8).astype(np.int32)}
+        s1, m1 = one(s1, jax.tree.map(jnp.asarray, batch))
+        s2, m2 = two(s2, train.shard_batch(batch, mesh))
+        steps.append({
+            "loss": worst_rel_err(m2["loss"], m1["loss"]),
+            "grads": worst_rel_err(m2["grads"], m1["grads"]),
+            "params": worst_rel_err(s2.params, s1.params),
+            "updates": worst_rel_err(update(s2), update(s1)),
+            "batch_stats": worst_rel_err(s2.batch_stats, s1.batch_stats),
+        })
+    leaves = jax.tree.leaves((s2.params, s2.batch_stats, s2.opt_state, m2["grads"]))
+    floating = {str(x.dtype) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)}
+    print(json.dumps({
+        "steps": steps,
+        "state_dtypes": sorted(floating),
+        "loss_dtype": str(m2["loss"].dtype),
+    }))
+    """
+)
+
+
+def test_data_parallel_matches_one_device_exactly_in_float64():
+    """In float64 no ReLU input lands within rounding of 0, so every quantity must agree.
+
+    The float32 test above can hold the deep layers only to 0.25 (a pre-activation
+    within rounding of 0 switches sides); here the loss, every gradient, every
+    updated parameter (and its update) and every running statistic of a full
+    fine-tune with train-mode BatchNorm agree within 1e-6 over 3 steps (issue #4),
+    and all but the loss within 1e-10: the only difference left is the order of
+    the cross-device reductions (measured ~1e-14).
+
+    The loss: `train` computes it from float32 logits whatever the model's dtype,
+    so its cross-device mean rounds in float32 (measured ~1e-7). Its gradient is
+    per example and so comes out the same on both sides.
+    """
+    result = run_on_two_cpu_devices(_DATA_PARALLEL_FLOAT64, x64=True)
+    steps = result["steps"]
+    print("\nfloat64, 2 devices vs 1 device, relative errors per step:", steps, result)
+    assert result["state_dtypes"] == ["float64"], result
+    loss_bound = 1e-10 if result["loss_dtype"] == "float64" else 1e-6
+    for i, step in enumerate(steps):
+        for quantity, err in step.items():
+            assert err <= 1e-6, (i + 1, quantity, steps)
+            assert err <= (loss_bound if quantity == "loss" else 1e-10), (i + 1, quantity, steps)

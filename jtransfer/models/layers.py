@@ -25,12 +25,22 @@ BN_EPS = 1e-5
 BN_MOMENTUM = 0.1
 
 
+def param_dtype_for(compute_dtype: Dtype) -> Dtype:
+    """dtype of a model's parameters, statistics and logits for a compute dtype.
+
+    float32 for float32 and the half-precision dtypes (the optimizer and the
+    statistics need float32's range and precision); float64 for float64.
+    """
+    return jnp.promote_types(compute_dtype, jnp.float32)
+
+
 class BatchNorm(nn.Module):
     """torch.nn.BatchNorm2d over the last (channel) axis.
 
     Normalises with the biased batch variance and updates `running var` with the
     unbiased one (n / (n - 1)), as torch does. Statistics are computed in float32
-    whatever the compute dtype.
+    for float32, bfloat16 and float16 inputs and in float64 for float64 inputs
+    (with jax x64 enabled), so a float64 model is float64 throughout.
 
     Attributes:
         use_running_average: True -> eval mode (running statistics, no update).
@@ -38,26 +48,30 @@ class BatchNorm(nn.Module):
             batch statistics are computed and discarded where it is True, and the
             running statistics are then returned unchanged, bit for bit.
         dtype: output dtype.
+        param_dtype: dtype of `scale`, `bias` and the running statistics at init.
     """
 
     use_running_average: bool | Array = False
     epsilon: float = BN_EPS
     momentum: float = BN_MOMENTUM
     dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         features = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
-        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
-        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        pdt = self.param_dtype
+        scale = self.param("scale", nn.initializers.ones, (features,), pdt)
+        bias = self.param("bias", nn.initializers.zeros, (features,), pdt)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), pdt)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), pdt)
+        stats_dtype = param_dtype_for(x.dtype)
 
         static_eval = isinstance(self.use_running_average, bool) and self.use_running_average
         if static_eval or self.is_initializing():
             mean, var = ra_mean.value, ra_var.value
         else:
-            xf = x.astype(jnp.float32)
+            xf = x.astype(stats_dtype)
             axes = tuple(range(x.ndim - 1))
             batch_mean = jnp.mean(xf, axis=axes)
             batch_var = jnp.mean(jnp.square(xf - batch_mean), axis=axes)
@@ -80,7 +94,7 @@ class BatchNorm(nn.Module):
         # one multiplier and one offset per channel.
         mul = scale * jax.lax.rsqrt(var + self.epsilon)
         add = bias - mean * mul
-        y = x.astype(jnp.float32) * mul + add
+        y = x.astype(stats_dtype) * mul + add
         return y.astype(self.dtype)
 
 
@@ -95,11 +109,13 @@ def max_pool_2x2(x: Array) -> Array:
 
 
 def _adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """Averaging weights (out, in) with torch's bin edges.
+    """Averaging weights (out, in) with torch's bin edges, in float64.
 
     torch's adaptive pooling bin i covers [floor(i*in/out), ceil((i+1)*in/out)).
     """
-    m = np.zeros((out_size, in_size), np.float32)
+    # float64, so that a float64 model averages as torch float64 does; the caller's
+    # cast to float32 rounds to the very values a float32 fill would hold.
+    m = np.zeros((out_size, in_size), np.float64)
     for i in range(out_size):
         start = (i * in_size) // out_size
         end = -((-(i + 1) * in_size) // out_size)

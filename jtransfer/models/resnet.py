@@ -16,12 +16,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jtransfer.models import _stages
+from jtransfer.models.conv import conv_general_dilated
 from jtransfer.models.layers import (
     BatchNorm,
     conv_init,
     global_avg_pool,
     head_init,
     max_pool_3x3_s2,
+    param_dtype_for,
 )
 
 Array = jax.Array
@@ -86,7 +88,9 @@ class ResNet(nn.Module):
         stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
         block_cls: BasicBlock or Bottleneck.
         num_classes: rows of `fc`.
-        dtype: compute dtype (params stay float32; BatchNorm statistics float32).
+        dtype: compute dtype. bfloat16 / float16 keep params, BatchNorm statistics
+            and logits float32; float64 (jax x64 enabled, float64 params) makes
+            everything float64, for exact comparisons with torch float64.
     """
 
     stage_sizes: Sequence[int]
@@ -112,18 +116,22 @@ class ResNet(nn.Module):
 
     @nn.compact
     def _forward(self, x, train, frozen_stages, until):
+        param_dtype = param_dtype_for(self.dtype)
         conv = partial(
             nn.Conv,
             use_bias=False,
             padding=1,
             dtype=self.dtype,
-            param_dtype=jnp.float32,
+            param_dtype=param_dtype,
             kernel_init=conv_init,
+            conv_general_dilated=conv_general_dilated,
         )
 
         def norm(stage):
             use_ra = _stages.bn_uses_running_average(train, frozen_stages, stage)
-            return partial(BatchNorm, use_running_average=use_ra, dtype=self.dtype)
+            return partial(
+                BatchNorm, use_running_average=use_ra, dtype=self.dtype, param_dtype=param_dtype
+            )
 
         out = {}
         x = x.astype(self.dtype)
@@ -145,11 +153,11 @@ class ResNet(nn.Module):
         logits = nn.Dense(
             self.num_classes,
             dtype=self.dtype,
-            param_dtype=jnp.float32,
+            param_dtype=param_dtype,
             kernel_init=head_init,
             name="fc",
         )(x)
-        out["fc"] = logits.astype(jnp.float32)
+        out["fc"] = logits.astype(param_dtype)
         return out
 
 

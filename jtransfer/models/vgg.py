@@ -16,12 +16,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jtransfer.models import _stages
+from jtransfer.models.conv import conv_general_dilated
 from jtransfer.models.layers import (
     BatchNorm,
     adaptive_avg_pool2d,
     conv_init,
     head_init,
     max_pool_2x2,
+    param_dtype_for,
 )
 
 Array = jax.Array
@@ -43,7 +45,7 @@ class VGG(nn.Module):
         num_classes: rows of `classifier_6`.
         dropout: classifier dropout rate (torch: 0.5); active only when train=True
             and a "dropout" rng is given.
-        dtype: compute dtype (params float32).
+        dtype: compute dtype; as for `ResNet` (float64: everything float64).
     """
 
     cfg: Sequence[int | str]
@@ -71,6 +73,7 @@ class VGG(nn.Module):
     @nn.compact
     def _forward(self, x, train, frozen_stages, until):
         out = {}
+        param_dtype = param_dtype_for(self.dtype)
         x = x.astype(self.dtype)
         idx, block = 0, 0
         for v in self.cfg:
@@ -85,22 +88,26 @@ class VGG(nn.Module):
                 (3, 3),
                 padding=1,
                 dtype=self.dtype,
-                param_dtype=jnp.float32,
+                param_dtype=param_dtype,
                 kernel_init=conv_init,
+                conv_general_dilated=conv_general_dilated,
                 name=f"features_{idx}",
             )(x)
             idx += 1
             if self.batch_norm:
                 use_ra = _stages.bn_uses_running_average(train, frozen_stages, block)
-                x = BatchNorm(use_running_average=use_ra, dtype=self.dtype, name=f"features_{idx}")(
-                    x
-                )
+                x = BatchNorm(
+                    use_running_average=use_ra,
+                    dtype=self.dtype,
+                    param_dtype=param_dtype,
+                    name=f"features_{idx}",
+                )(x)
                 idx += 1
             x = nn.relu(x)
             idx += 1
         out["pool"] = x = adaptive_avg_pool2d(x, (7, 7))
         x = x.reshape(x.shape[0], -1)
-        dense = dict(dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_linear_init)
+        dense = dict(dtype=self.dtype, param_dtype=param_dtype, kernel_init=_linear_init)
         for i in (0, 3):
             x = nn.relu(nn.Dense(4096, name=f"classifier_{i}", **dense)(x))
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -109,7 +116,7 @@ class VGG(nn.Module):
             return out
         dense["kernel_init"] = head_init
         logits = nn.Dense(self.num_classes, name="classifier_6", **dense)(x)
-        out["classifier"] = logits.astype(jnp.float32)
+        out["classifier"] = logits.astype(param_dtype)
         return out
 
 

@@ -1,0 +1,192 @@
+"""A 2-D convolution whose backward pass is made of matrix products.
+
+XLA's CPU backend differentiates a convolution into two more convolutions. The
+kernel gradient's (batch and feature dimensions swapped) misses its fast path:
+on this project's 2-core CPU it ran 2-7x slower than the forward pass of the
+same layer. The input gradient's needs every kernel flipped and transposed
+first, a slow copy for the large 3x3 kernels of the last stages. Together they
+were most of the gap between a jitted ResNet fine-tune step and torch's
+(`python benchmarks/conv_lever.py` measures it).
+
+`conv_general_dilated` here is a drop-in for `lax.conv_general_dilated` that
+Flax's `nn.Conv` accepts (`nn.Conv(..., conv_general_dilated=...)`). The forward
+pass is XLA's own, unchanged, so eval outputs stay bit for bit what they were.
+The backward pass is, for each tap (i, j) of the k x k window,
+
+    dK[i, j] = (the inputs tap (i, j) read)^T @ dY
+    dX      += dY @ K[i, j]^T, placed where tap (i, j) read,
+
+k*k matrix products over batch and positions, which XLA runs on its fast
+matrix-multiply path. They are the same sums in another order, so gradients
+differ from XLA's by rounding only (~1e-6 relative in float32; sums are float32
+or wider whatever the compute dtype). Configurations other than 2-D NHWC / HWIO
+without dilation or groups fall back to `lax.conv_general_dilated`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def conv_general_dilated(
+    lhs: Array,
+    rhs: Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> Array:
+    """`lax.conv_general_dilated` with the matrix-product kernel gradient where it applies."""
+    plain = (
+        lhs.ndim == 4
+        and not isinstance(padding, str)
+        and all(d == 1 for d in (lhs_dilation or (1, 1)))
+        and all(d == 1 for d in (rhs_dilation or (1, 1)))
+        and feature_group_count == 1
+        and batch_group_count == 1
+        and preferred_element_type is None
+        and _is_nhwc(dimension_numbers, lhs.shape, rhs.shape)
+    )
+    if not plain:
+        return lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            batch_group_count,
+            precision,
+            preferred_element_type,
+        )
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if any(p < 0 for pair in pads for p in pair):
+        return lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            dimension_numbers=dimension_numbers,
+            precision=precision,
+        )
+    return conv2d(lhs, rhs, tuple(int(s) for s in window_strides), pads, precision)
+
+
+def _is_nhwc(dimension_numbers: Any, lhs_shape, rhs_shape) -> bool:
+    if dimension_numbers is None:
+        return False
+    dn = lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
+    expected = lax.conv_dimension_numbers(lhs_shape, rhs_shape, _NHWC)
+    return dn == expected
+
+
+def _forward(x: Array, kernel: Array, strides, padding, precision) -> Array:
+    return lax.conv_general_dilated(
+        x, kernel, strides, padding, dimension_numbers=_NHWC, precision=precision
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d(x: Array, kernel: Array, strides, padding, precision=None) -> Array:
+    """NHWC x HWIO convolution (no dilation, one group); see the module docstring.
+
+    Args:
+        x: (N, H, W, Cin).
+        kernel: (KH, KW, Cin, Cout).
+        strides: (sh, sw).
+        padding: ((top, bottom), (left, right)).
+        precision: passed to `lax.conv_general_dilated` and the matrix products.
+
+    Returns:
+        (N, Ho, Wo, Cout), exactly `lax.conv_general_dilated`'s result.
+    """
+    return _forward(x, kernel, strides, padding, precision)
+
+
+def _conv2d_fwd(x, kernel, strides, padding, precision):
+    return _forward(x, kernel, strides, padding, precision), (x, kernel)
+
+
+def _conv2d_bwd(strides, padding, precision, residuals, g):
+    x, kernel = residuals
+    dx = _input_grad(g, kernel, x.shape, strides, padding, precision)
+    dk = _kernel_grad(x, g, kernel.shape, strides, padding, precision)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+def _matmul(a: Array, b: Array, contract: tuple[int, int], precision) -> Array:
+    """a @ b contracting a's axis contract[0] with b's contract[1]; float32 or wider sums."""
+    acc = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=acc)
+
+
+def _kernel_grad(x, g, kernel_shape, strides, padding, precision) -> Array:
+    """dK[i, j] = (the inputs tap (i, j) saw)^T @ dY, one matrix product per tap."""
+    kh, kw, cin, cout = kernel_shape
+    sh, sw = strides
+    (pt, pb), (pl, pr) = padding
+    n, ho, wo, _ = g.shape
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+    g2 = g.reshape(n * ho * wo, cout)
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            seen = lax.slice(
+                xp,
+                (0, i, j, 0),
+                (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin),
+                (1, sh, sw, 1),
+            )
+            taps.append(_matmul(seen.reshape(n * ho * wo, cin), g2, (0, 0), precision))
+    return jnp.stack(taps).reshape(kernel_shape)
+
+
+def _input_grad(g, kernel, x_shape, strides, padding, precision) -> Array:
+    """dX = sum over taps of dY @ K[i, j]^T, each placed where tap (i, j) read.
+
+    XLA's own input gradient needs every kernel flipped and transposed first, a
+    slow copy for the large 3x3 kernels of the last stages; matrix products
+    read K[i, j] as it is. Strides become interior padding of each tap's term.
+    """
+    kh, kw, cin, _ = kernel.shape
+    sh, sw = strides
+    (pt, pb), (pl, pr) = padding
+    n, ho, wo, cout = g.shape
+    hp, wp = x_shape[1] + pt + pb, x_shape[2] + pl + pr
+    g2 = g.reshape(n * ho * wo, cout)
+    total = None
+    for i in range(kh):
+        for j in range(kw):
+            term = _matmul(g2, kernel[i, j], (1, 1), precision).reshape(n, ho, wo, cin)
+            term = lax.pad(
+                term,
+                jnp.zeros((), term.dtype),
+                (
+                    (0, 0, 0),
+                    (i, hp - (i + sh * (ho - 1) + 1), sh - 1),
+                    (j, wp - (j + sw * (wo - 1) + 1), sw - 1),
+                    (0, 0, 0),
+                ),
+            )
+            total = term if total is None else total + term
+    return lax.slice(total, (0, pt, pl, 0), (n, pt + x_shape[1], pl + x_shape[2], cin))
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)

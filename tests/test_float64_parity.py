@@ -1,0 +1,93 @@
+"""Training parity in float64: jtransfer computes what torch computes, to float64 rounding.
+
+In float32 the full fine-tuning recipes (d2l, per_layer) cannot meet the targets:
+a pre-activation within rounding of 0 lands on either side of its ReLU in one
+implementation and the other (test_training_parity explains). In float64 no
+pre-activation comes that close, so both sides take the same branch at every
+kink, and the runs must agree for every quantity of every scenario: the check
+that the two compute the same algorithm (`porting.training`, precision "float64").
+
+x64 is process-wide and must be on before jax makes an array, so the runs go
+through `python -m porting.training --float64` in a fresh process and the pytest
+worker's jax stays float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from porting import training as T
+
+# Issue #4's targets.
+TARGET_FIRST_STEP = 1e-5
+TARGET_TEN_STEPS = 1e-4
+# What float64 actually allows, by the dtype `train` computed the loss in. It
+# casts the logits to float32 before the cross-entropy whatever the model's
+# dtype, so the loss and the gradient leaving it carry float32 rounding (~1e-7;
+# measured worst 5.6e-7, vgg's params after 10 steps). With a float64 loss every
+# quantity agrees to ~1e-14 (measured worst 4e-14).
+TIGHT = {"float32": 2e-6, "float64": 1e-10}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_float64(tmp_path, *args: str) -> dict[str, dict]:
+    """`python -m porting.training --float64 ARGS` in a fresh process; its reports by scenario."""
+    out = tmp_path / "parity.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "porting.training", "--float64", "-q", "--json", str(out), *args],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(proc.stdout)
+    return {r["scenario"]: r for r in json.loads(out.read_text())}
+
+
+def worst(report: dict, quantity: str, first_steps: int | None = None) -> float:
+    return max(step[quantity] for step in report["steps"][:first_steps])
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    # One process for all scenarios: imports and start-up are paid once.
+    return run_float64(tmp_path_factory.mktemp("float64"), "--scenarios", *T.SCENARIOS)
+
+
+@pytest.mark.parametrize("name", list(T.SCENARIOS))
+def test_every_recipe_matches_torch_in_float64_for_ten_steps(reports, name):
+    report = reports[name]
+    assert report["precision"] == "float64"
+    assert len(report["steps"]) == 10
+    tight = TIGHT[report["jax_loss_dtype"]]
+    for q in T.QUANTITIES:
+        where = (q, report["worst_tensor"])
+        assert worst(report, q, 1) <= TARGET_FIRST_STEP, where
+        assert worst(report, q) <= TARGET_TEN_STEPS, where
+        assert worst(report, q) <= tight, where
+
+
+@pytest.mark.parametrize("error", list(T.RECIPE_ERRORS))
+def test_a_wrong_recipe_on_the_jax_side_fails_the_comparison(tmp_path, error):
+    """The comparison is not blind: one recipe mistake on the jax side shows.
+
+    A head at 1x instead of d2l's 10x moves the head's params by ~2e-2 at step 1,
+    far past even the issue's targets. A 10x weight decay moves d2l's params by
+    only lr * 9e-3 * |p| ~ 5e-6 per step, which the issue's 1e-5 / 1e-4 targets do
+    not see: only the float64 bound does.
+    """
+    report = run_float64(tmp_path, "--scenarios", "d2l", "--steps", "2", "--recipe-error", error)[
+        "d2l"
+    ]
+    assert report["recipe_error"] == error
+    # d2l passes with the right recipe (above); with this mistake it fails there.
+    assert worst(report, "params") > TIGHT[report["jax_loss_dtype"]], report["steps"]
+    if error == "head_lr_mult":
+        assert worst(report, "params", 1) > 100 * TARGET_FIRST_STEP, report["steps"]
