@@ -104,10 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model.fc = nn.Linear(512, {len(classes)})  # Xavier-uniform weight, zero bias")
     print("for p in model.parameters(): p.requires_grad = False  # except the new fc:")
     print(partition.rules_table(variables["params"], rules))
-    print(f"optimizer = SGD([{{'params': model.fc.parameters(), 'lr': {args.lr:g}}}], "
-          f"momentum={args.momentum:g})\n  # one param group; frozen tensors have no state")
-    print(f"scheduler = StepLR(optimizer, step_size={args.step_size}, gamma={args.gamma:g})"
-          "\n  # an optax staircase schedule, counted in steps")
+    print(
+        f"optimizer = SGD([{{'params': model.fc.parameters(), 'lr': {args.lr:g}}}], "
+        f"momentum={args.momentum:g})\n  # one param group; frozen tensors have no state"
+    )
+    print(
+        f"scheduler = StepLR(optimizer, step_size={args.step_size}, gamma={args.gamma:g})"
+        "\n  # an optax staircase schedule, counted in steps"
+    )
     print(f"the first {frozen} stages {list(partition.groups(ARCH))[:frozen]} are frozen:\n"
           "  their BatchNorm uses running statistics (model.eval() on them) and no backward\n"
           "  pass runs through them; torch's model.train() would still update those statistics"

@@ -106,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model.fc = nn.Linear(2048, {NUM_CLASSES})  # Xavier-uniform weight, zero bias")
     print("every parameter has requires_grad=True; one optimizer param group:")
     print(partition.rules_table(variables["params"], rules))
-    print(f"optimizer = SGD(model.parameters(), lr={args.lr:g}, momentum={args.momentum:g})\n"
-          "criterion = CrossEntropyLoss()  # the mean over the batch\n"
-          "model.train()  # BatchNorm in training mode: batch statistics, running ones updated")
+    print(
+        f"optimizer = SGD(model.parameters(), lr={args.lr:g}, momentum={args.momentum:g})\n"
+        "criterion = CrossEntropyLoss()  # the mean over the batch\n"
+        "model.train()  # BatchNorm in training mode: batch statistics, running ones updated"
+    )
 
     train_loader = data.make_loader(
         train_folder, batch_size=args.batch_size, train=True, seed=args.seed, num_epochs=None,

@@ -156,12 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"VGG-16, weights {args.weights}; {n} classes {train_folder.classes}; "
           f"{len(train_folder)} train / {len(val_folder)} val images")  # fmt: skip
     print(f"model.classifier[6] = nn.Linear(4096, {n})  # Xavier-uniform weight, zero bias")
-    print("requires_grad=False on model.features; classifier[0] and [3] are not in the\n"
-          "optimizer either, so they stay as loaded:")
+    print(
+        "requires_grad=False on model.features; classifier[0] and [3] are not in the\n"
+        "optimizer either, so they stay as loaded:"
+    )
     print(partition.rules_table(variables["params"], rules))
-    print(f"optimizer = SGD(model.classifier[6].parameters(), lr={args.lr:g}, "
-          f"momentum={args.momentum:g})\ncriterion = CrossEntropyLoss()  # mean; "
-          f"method: {args.method}")
+    print(
+        f"optimizer = SGD(model.classifier[6].parameters(), lr={args.lr:g}, "
+        f"momentum={args.momentum:g})\ncriterion = CrossEntropyLoss()  # mean; "
+        f"method: {args.method}"
+    )
     run = probe if args.method == "probe" else finetune
     accuracy = run(args, model, variables, train_folder, val_folder)
     demo = "DEMO data: " if args.demo else ""
