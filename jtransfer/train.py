@@ -293,7 +293,8 @@ def _loss_fn(model, loss_reduction: str, bn_policy: str):
                 mutable=["batch_stats"],
                 rngs={"dropout": rng},
             )
-        logits = logits.astype(jnp.float32)
+        # float32 for float32 / half-precision models, float64 for a float64 one.
+        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
         per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         # d2l sums (`l.sum().backward()`); torch's default is the mean.
         loss = per_example.sum() if loss_reduction == "sum" else per_example.mean()

@@ -136,7 +136,11 @@ def test_evaluate_and_predict_agree_with_the_history(trained, model):
     logits = fit.predict(model, variables, images, batch_size=6)
     assert logits.shape == (16, 2)
     assert np.mean(logits.argmax(-1) == labels) == result["accuracy"]
-    np.testing.assert_allclose(fit.predict(model, variables, images[3]), logits[3], rtol=1e-5)
+    # One image compiles another program than a batch of 16 (other conv kernels): rounding only.
+    scale = float(np.abs(logits).max())
+    np.testing.assert_allclose(
+        fit.predict(model, variables, images[3]), logits[3], rtol=1e-5, atol=1e-5 * scale
+    )
 
 
 @pytest.fixture(scope="module")

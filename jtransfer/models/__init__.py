@@ -56,7 +56,8 @@ def create(arch: str, num_classes: int = 1000, dtype: Any = jnp.float32, **kwarg
     Args:
         arch: one of `ARCHS`, e.g. "resnet50" or "vgg16_bn".
         num_classes: output classes of the head.
-        dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32.
+        dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32 (float64 for
+            dtype=jnp.float64, with jax x64 enabled).
         **kwargs: other module attributes (e.g. `dropout=0.0` for VGG).
 
     Returns:
