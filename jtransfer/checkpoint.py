@@ -789,18 +789,7 @@ def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict
     Raises:
         CheckpointError: no checkpoint there, or its metadata is unreadable.
     """
-    import orbax.checkpoint as ocp
-
-    path, steps = _require_checkpoints(directory)
-    step = steps[-1] if step is None else step
-    try:
-        out = _reader(path).restore(
-            step, args=ocp.args.Composite(**{_MODEL: ocp.args.JsonRestore()})
-        )[_MODEL]
-    except Exception as e:
-        raise CheckpointError(
-            f"cannot read the metadata of checkpoint {path / str(step)} ({_first_line(e)})"
-        ) from e
+    out = _read_json_item(directory, step, _MODEL, "the metadata")
     return dict(out or {})
 
 
@@ -814,19 +803,24 @@ def read_progress(directory: str | os.PathLike, step: int | None = None) -> dict
     Raises:
         CheckpointError: no checkpoint there, or its progress record is unreadable.
     """
+    out = _read_json_item(directory, step, _PROGRESS, "the progress record")
+    return {k: v for k, v in dict(out or {}).items() if k != "crc32"}
+
+
+def _read_json_item(directory: str | os.PathLike, step: int | None, item: str, what: str) -> Any:
+    """One JSON item of a checkpoint (latest by default), without reading its arrays."""
     import orbax.checkpoint as ocp
 
     path, steps = _require_checkpoints(directory)
     step = steps[-1] if step is None else step
     try:
-        out = _reader(path).restore(
-            step, args=ocp.args.Composite(**{_PROGRESS: ocp.args.JsonRestore()})
-        )[_PROGRESS]
+        return _reader(path).restore(
+            step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})
+        )[item]
     except Exception as e:
         raise CheckpointError(
-            f"cannot read the progress record of checkpoint {path / str(step)} ({_first_line(e)})"
+            f"cannot read {what} of checkpoint {path / str(step)} ({_first_line(e)})"
         ) from e
-    return {k: v for k, v in dict(out or {}).items() if k != "crc32"}
 
 
 def _ranked_steps(mngr, steps: list[int], which: str | int) -> list[int]:
