@@ -113,12 +113,25 @@ class ArchParity:
     seconds: float
 
     def train_within_target(self, target: float = 1e-5) -> bool:
-        """Train mode meets `target`, or is as close to float64 as torch's float32 is."""
-        logits_ok = self.train_logits <= target or (
-            self.train_logits_vs_f64 <= 1.5 * self.torch_logits_vs_f64
+        """Train mode meets `target` against torch's float32, or against the exact
+        (float64) answer, or is as close to float64 as torch's float32 is.
+
+        The second clause matters where torch's float32 rounds differently from
+        ours by more than `target` while both are near the exact answer: torch's
+        CPU BatchNorm accumulates its batch statistics in double, and its
+        distance from float64 depends on the CPU's kernels (VGG-19-BN train
+        logits: 1.4e-5 on an AMD EPYC, 5.3e-6 on an Intel Xeon; jtransfer's
+        1.4e-5 and 1.0e-5).
+        """
+        logits_ok = (
+            self.train_logits <= target
+            or self.train_logits_vs_f64 <= target
+            or self.train_logits_vs_f64 <= 1.5 * self.torch_logits_vs_f64
         )
-        stats_ok = self.train_running_stats <= target or (
-            self.train_stats_vs_f64 <= 1.5 * self.torch_stats_vs_f64
+        stats_ok = (
+            self.train_running_stats <= target
+            or self.train_stats_vs_f64 <= target
+            or self.train_stats_vs_f64 <= 1.5 * self.torch_stats_vs_f64
         )
         return logits_ok and stats_ok
 

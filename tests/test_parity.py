@@ -39,7 +39,8 @@ def test_train_mode_logits_and_running_stats_match_torchvision(arch, measured):
     r, _ = measured
     # Deep ResNets in train mode amplify float32 rounding through batch-statistics
     # BatchNorm: torch's own float32 result is then further than 1e-5 from its
-    # float64 result. There, jtransfer must be as close to float64 as torch is.
+    # float64 result. There, jtransfer must be within the target of float64, or
+    # as close to float64 as torch is (porting.parity.ArchParity.train_within_target).
     assert r.train_within_target(TARGET), r
 
 
