@@ -1,4 +1,5 @@
-"""jtransfer.models.conv against XLA's own convolution and its gradients.
+"""jtransfer.models.conv against XLA's own convolution and its gradients; VGG's
+max-pool gradient against torch's.
 
 Every code path of `conv2d` is hit: the 1x1 matrix-product forward (stride 1 and
 2, odd sizes), the per-tap kernel gradient over all positions and the per-image
@@ -64,3 +65,25 @@ def test_unsupported_configurations_fall_back_to_xla():
         ours = conv.conv_general_dilated(x, w, (1, 1), dimension_numbers=NHWC, **kwargs)
         ref = lax.conv_general_dilated(x, w, (1, 1), dimension_numbers=NHWC, **kwargs)
         np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (3, 9, 11, 4)])
+def test_max_pool_2x2_matches_torch_including_ties(shape):
+    """VGG's pooling: forward bit-identical to torch's, gradient to the first maximum."""
+    import torch
+
+    from jtransfer.models import layers
+
+    rng = np.random.RandomState(shape[1])
+    # Rounded, ReLU'd values: many windows hold two or more equal maxima (zeros too).
+    x = np.maximum(np.round(rng.randn(*shape), 1), 0).astype(np.float32)
+    x[0, 0, :2, 0] = 0.7  # a tie in the first window's top row
+    y, vjp = jax.vjp(layers.max_pool_2x2, jnp.asarray(x))
+    g = rng.randn(*y.shape).astype(np.float32)
+    (dx,) = vjp(jnp.asarray(g))
+
+    xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    yt = torch.nn.MaxPool2d(2, 2)(xt)
+    yt.backward(torch.tensor(g.transpose(0, 3, 1, 2)))
+    np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(np.asarray(dx), xt.grad.numpy().transpose(0, 2, 3, 1))
