@@ -465,8 +465,8 @@ def markdown(results: Sequence[Result], info: dict[str, str], cfg: dict[str, Any
         "",
         f"Images {cfg['size']}x{cfg['size']}, {NUM_CLASSES} classes, {cfg['reps']} timed reps "
         "per cell after one warm-up (jax: compile) call; torch and jax alternate rep by rep in "
-        "one process. **The machine was shared with other engineers' jobs while this ran**, "
-        "so absolute numbers are noisy; the ratio of adjacent runs is the meaningful figure. "
+        "one process, so load from other processes (see the load average above) hits both "
+        "alike; the ratio of adjacent runs is the meaningful figure. "
         "`jt/torch` = jtransfer images/s / torch images/s from the medians (> 1: jtransfer "
         "faster); `paired` = min-max of the per-rep ratios. Compile = jax first call minus "
         "its median (`< noise` where the step-to-step noise exceeds it). Peak dRSS = "
