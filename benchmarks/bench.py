@@ -8,7 +8,7 @@ One command:
 For every architecture and batch size both frameworks get the same random
 images and the same weights (a torchvision model with random weights and
 randomised BatchNorm statistics, ported with `porting.from_torchvision`), and
-run three kinds of step:
+run four kinds of step:
 
 * ``eval``: torch ``net.eval()`` under ``torch.inference_mode()`` vs the jitted
   ``model.apply(variables, x, train=False)``;
@@ -19,7 +19,11 @@ run three kinds of step:
 * ``frozen``: only the head trains -- torch ``requires_grad=False`` on the rest
   and the backbone in ``eval()`` vs ``partition.preset(arch, "head")`` with the
   static ``frozen_stages = partition.frozen_prefix(...)`` (stop_gradient, no
-  backward through the backbone).
+  backward through the backbone);
+* ``epoch`` (ResNet-18 only: d2l's hot-dog recipe end to end): one pass over a
+  generated hot-dog-like ImageFolder, decoding, augmenting and fine-tuning --
+  torchvision ``ImageFolder`` + ``DataLoader`` vs ``jtransfer.data.make_loader``
+  + the same train step as ``finetune``.
 
 The two frameworks alternate rep by rep in one process (which one goes first
 alternates too), so load from other processes hits both alike; the table shows
@@ -42,6 +46,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -57,7 +62,12 @@ DEFAULT_ARCHS = ("resnet18", "resnet50", "vgg16_bn")
 DEFAULT_BATCHES = (16, 32)
 DEFAULT_SIZE = 112
 DEFAULT_REPS = 3
-MODES = ("eval", "finetune", "frozen")
+MODES = ("eval", "finetune", "frozen", "epoch")
+# The end-to-end epoch (data + train) is d2l's hot-dog recipe, a ResNet-18 one.
+EPOCH_ARCHS = ("resnet18",)
+EPOCH_BATCHES_PER_EPOCH = 8  # images per epoch = 8 x batch
+EPOCH_IMAGE_SIDE = 256  # generated JPEGs, each side 192-320 px (hot-dog photos: ~200-500)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NUM_CLASSES = 2  # the d2l hot-dog head
 LR, HEAD_MULT, WEIGHT_DECAY = 5e-5, 10.0, 1e-3  # d2l's fine-tuning recipe
 
@@ -142,14 +152,15 @@ class Result:
     jax_mem: int
     check: str = ""
     torch_threads: int = 0
+    images: int = 0  # images per timed call; 0: one batch
 
     @property
     def torch_ips(self) -> float:
-        return self.batch / statistics.median(self.torch_s)
+        return (self.images or self.batch) / statistics.median(self.torch_s)
 
     @property
     def jax_ips(self) -> float:
-        return self.batch / statistics.median(self.jax_s)
+        return (self.images or self.batch) / statistics.median(self.jax_s)
 
     @property
     def ratio(self) -> float:
@@ -283,6 +294,23 @@ def torch_step(pair: Pair, mode: str) -> tuple[Callable[[], Any], Callable[[], f
 
         return run_eval, lambda: out["logits"].numpy()
 
+    net, opt = _torch_trainer(pair, mode)
+    out = {}
+
+    def run_train():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(pair.x_torch), pair.y_torch, reduction="sum")
+        loss.backward()
+        opt.step()
+        out["loss"] = loss.detach()
+
+    return run_train, lambda: float(out["loss"])
+
+
+def _torch_trainer(pair: Pair, mode: str) -> tuple[Any, Any]:
+    """(net, optimizer) for a `finetune` or `frozen` step, on a private copy of the net."""
+    import torch
+
     net = copy.deepcopy(pair.net).train()
     head = _head_name(pair.arch)
     named = dict(net.named_parameters())
@@ -297,17 +325,75 @@ def torch_step(pair: Pair, mode: str) -> tuple[Callable[[], Any], Callable[[], f
             if name not in ("fc", "classifier"):
                 child.eval()
         groups = [{"params": head_params}]
-    opt = torch.optim.SGD(groups, lr=LR, weight_decay=WEIGHT_DECAY)
-    out = {}
+    return net, torch.optim.SGD(groups, lr=LR, weight_decay=WEIGHT_DECAY)
 
-    def run_train():
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(net(pair.x_torch), pair.y_torch, reduction="sum")
-        loss.backward()
-        opt.step()
-        out["loss"] = loss.detach()
 
-    return run_train, lambda: float(out["loss"])
+def make_epoch_folder(root: Path, batch: int) -> Path:
+    """A generated hot-dog-like ImageFolder of 8 x batch JPEGs, 2 classes (the real data
+    cannot be downloaded here); reused when it exists."""
+    from jtransfer import data
+
+    folder = root / f"hotdog-like-{batch * EPOCH_BATCHES_PER_EPOCH}"
+    if not folder.exists():
+        n = batch * EPOCH_BATCHES_PER_EPOCH // NUM_CLASSES
+        data.make_demo_imagefolder(folder, n_per_class=n, size=EPOCH_IMAGE_SIDE, seed=0)
+    return folder
+
+
+def torch_epoch(pair: Pair, folder: Path, size: int) -> tuple[Callable[[], Any], int]:
+    """(epoch, images per epoch): torchvision ImageFolder + DataLoader with d2l's training
+    augmentation, then the fine-tune step per batch (decoding in this process)."""
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+    from torchvision import transforms as T
+
+    net, opt = _torch_trainer(pair, "finetune")
+    augment = T.Compose(
+        [
+            T.RandomResizedCrop(size),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    dataset = torchvision.datasets.ImageFolder(str(folder), transform=augment)
+    batch = len(pair.y_torch)
+    loader = torch.utils.data.DataLoader(dataset, batch, shuffle=True, drop_last=True)
+
+    def run_epoch():
+        for x, y in loader:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x), y, reduction="sum").backward()
+            opt.step()
+
+    return run_epoch, len(loader) * batch
+
+
+def jax_epoch(pair: Pair, folder: Path, size: int) -> tuple[Callable[[], Any], int]:
+    """(epoch, images per epoch): `jtransfer.data.make_loader` (grain, decoding in this
+    process one batch ahead on a thread) feeding the fine-tune train step."""
+    import jax
+
+    from jtransfer import data, partition, train
+
+    params = pair.variables["params"]
+    rules = partition.finetune(pair.arch, HEAD_MULT)
+    tx = partition.make_optimizer(params, rules, learning_rate=LR, weight_decay=WEIGHT_DECAY)
+    step = train.make_train_step(pair.model, tx, loss_reduction="sum")
+    holder = {"state": train.create_train_state(pair.model, pair.variables, tx)}
+    batch = len(pair.y_torch)
+    loader = data.make_loader(
+        data.ImageFolder(folder), batch_size=batch, train=True, image_size=size
+    )
+
+    def run_epoch():
+        state = holder["state"]
+        for b in loader:
+            state, _ = step(state, b)
+        holder["state"] = jax.block_until_ready(state)
+
+    return run_epoch, loader.steps_per_epoch * batch
 
 
 def jax_step(
@@ -370,8 +456,12 @@ def run_case(
     log: Callable[[str], Any] | None = None,
     donate: bool = True,
     torch_threads: int | str | None = None,
+    epoch_dir: Path | None = None,
 ) -> list[Result]:
     """Every mode of one (arch, batch) case, torch and jax alternating.
+
+    `epoch` runs for `EPOCH_ARCHS` only, on a generated image folder kept in
+    `epoch_dir` (a fresh temporary directory when None).
 
     `torch_threads`: None keeps torch's setting, an int sets it, "auto" races
     `os.cpu_count()` threads against 1 after the warm-up of every mode and keeps
@@ -389,17 +479,26 @@ def run_case(
     meter = PeakRss()
     results = []
     for mode in modes:
-        t_fn, t_val = torch_step(pair, mode)
-        j_fn, j_val = jax_step(pair, mode, donate)
+        images = 0
+        if mode == "epoch":
+            if arch not in EPOCH_ARCHS:
+                continue
+            folder = make_epoch_folder(epoch_dir or Path(tempfile.mkdtemp()), batch)
+            t_fn, images = torch_epoch(pair, folder, size)
+            j_fn, _ = jax_epoch(pair, folder, size)
+            t_val = j_val = lambda: None
+        else:
+            t_fn, t_val = torch_step(pair, mode)
+            j_fn, j_val = jax_step(pair, mode, donate)
         check: list[str] = []
 
         def after_first(mode=mode, t_fn=t_fn, t_val=t_val, j_val=j_val, check=check):
-            check.append(_agreement(mode, arch, t_val(), j_val()))
+            check.append("" if mode == "epoch" else _agreement(mode, arch, t_val(), j_val()))
             if torch_threads == "auto":
                 race_torch_threads(t_fn, (os.cpu_count() or 1, 1))
 
         ts, js, tf, jf, tm, jm = alternate(t_fn, j_fn, reps, meter, after_first)
-        r = Result(arch, batch, size, mode, ts, js, tf, jf, tm, jm, check[0])
+        r = Result(arch, batch, size, mode, ts, js, tf, jf, tm, jm, check[0], images=images)
         r.torch_threads = torch.get_num_threads()
         results.append(r)
         log(
@@ -510,7 +609,14 @@ def markdown(results: Sequence[Result], info: dict[str, str], cfg: dict[str, Any
         "finetune = full SGD step, summed CE, BN in train mode, head lr x10, wd 1e-3 "
         "(`partition.finetune` + `train.make_train_step`); frozen = head only, backbone "
         "frozen (torch: `requires_grad=False` + backbone `eval()`; jax: "
-        "`preset(arch, 'head')`, static `frozen_stages=frozen_prefix(...)`).",
+        "`preset(arch, 'head')`, static `frozen_stages=frozen_prefix(...)`); epoch "
+        f"(ResNet-18, d2l's hot-dog recipe) = one pass over a generated hot-dog-like "
+        f"ImageFolder ({EPOCH_BATCHES_PER_EPOCH} x batch JPEGs, sides 192-320 px, 2 classes): "
+        "decode, RandomResizedCrop + flip + normalise, finetune step per batch; torch: "
+        "torchvision `ImageFolder` + `DataLoader(shuffle=True)`, jax: `data.make_loader` "
+        "(grain), both decoding in the benchmark process (`num_workers=0` / "
+        "`worker_count=0`; jtransfer's loader decodes one batch ahead on a thread). Its "
+        "img/s count images per epoch; its compile is the first epoch's extra time.",
         f"Total wall time {cfg['wall_s']:.0f} s; process CPU time {cfg.get('cpu_s', 0):.0f} s "
         f"(an idle machine with {os.cpu_count()} cores would need about CPU / cores).",
         "",
@@ -561,11 +667,18 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
     info = machine_info()
     print("machine:", "; ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
     results = []
-    for arch in args.archs:
-        for batch in args.batch:
-            results += run_case(
-                arch, batch, args.size, args.reps, args.modes, torch_threads=args.torch_threads
-            )
+    with tempfile.TemporaryDirectory(prefix="jtransfer-bench-") as epoch_dir:
+        for arch in args.archs:
+            for batch in args.batch:
+                results += run_case(
+                    arch,
+                    batch,
+                    args.size,
+                    args.reps,
+                    args.modes,
+                    torch_threads=args.torch_threads,
+                    epoch_dir=Path(epoch_dir),
+                )
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cfg = {
         "command": " ".join(["python benchmarks/bench.py", *(argv or sys.argv[1:])]),

@@ -1,4 +1,5 @@
-"""benchmarks/bench.py keeps working: every step kind on a tiny config (no timing checks)."""
+"""benchmarks/bench.py keeps working: every step kind, the data+train epoch included, on a
+tiny config (no timing checks)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,9 @@ def test_tiny_run_writes_the_table(bench, tmp_path, torch_threads):
     assert eval_err < 1e-4, results[0].check
     frozen_err = float(results[2].check.rsplit(" ", 1)[1])
     assert frozen_err < 1e-4, results[2].check
+
+    epoch = results[bench.MODES.index("epoch")]
+    assert epoch.images == 2 * bench.EPOCH_BATCHES_PER_EPOCH  # a whole epoch per timed call
 
     text = out.read_text()
     assert "| resnet18 | 2 | finetune |" in text
