@@ -1,5 +1,5 @@
 """jtransfer.models.conv against XLA's own convolution and its gradients; VGG's
-max-pool gradient against torch's.
+and ResNet's max-pool gradients against torch's.
 
 Every code path of `conv2d` is hit: the 1x1 matrix-product forward (stride 1 and
 2, odd sizes), the per-tap kernel gradient over all positions and the per-image
@@ -67,23 +67,34 @@ def test_unsupported_configurations_fall_back_to_xla():
         np.testing.assert_array_equal(ours, ref)
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (3, 9, 11, 4)])
-def test_max_pool_2x2_matches_torch_including_ties(shape):
-    """VGG's pooling: forward bit-identical to torch's, gradient to the first maximum."""
+POOLS = {
+    "2x2": ("max_pool_2x2", lambda: __import__("torch").nn.MaxPool2d(2, 2), 0.0),
+    # Overlapping windows sum gradients in another order than torch: rounding.
+    "3x3/2 pad 1": ("max_pool_3x3_s2", lambda: __import__("torch").nn.MaxPool2d(3, 2, 1), 1e-6),
+}
+
+
+@pytest.mark.parametrize("pool", list(POOLS))
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (3, 9, 11, 4), (2, 56, 56, 5)])
+def test_max_pools_match_torch_including_ties(pool, shape):
+    """The pools' forward is bit-identical to torch's, the gradient goes to the first maximum."""
     import torch
 
     from jtransfer.models import layers
 
+    name, make_torch_pool, atol = POOLS[pool]
     rng = np.random.RandomState(shape[1])
     # Rounded, ReLU'd values: many windows hold two or more equal maxima (zeros too).
     x = np.maximum(np.round(rng.randn(*shape), 1), 0).astype(np.float32)
     x[0, 0, :2, 0] = 0.7  # a tie in the first window's top row
-    y, vjp = jax.vjp(layers.max_pool_2x2, jnp.asarray(x))
+    y, vjp = jax.vjp(getattr(layers, name), jnp.asarray(x))
     g = rng.randn(*y.shape).astype(np.float32)
     (dx,) = vjp(jnp.asarray(g))
 
     xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
-    yt = torch.nn.MaxPool2d(2, 2)(xt)
+    yt = make_torch_pool()(xt)
     yt.backward(torch.tensor(g.transpose(0, 3, 1, 2)))
     np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1))
-    np.testing.assert_array_equal(np.asarray(dx), xt.grad.numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(
+        np.asarray(dx), xt.grad.numpy().transpose(0, 2, 3, 1), rtol=0, atol=atol
+    )
