@@ -117,9 +117,33 @@ def max_pool_3x3_s2(x: Array) -> Array:
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
-def _max_pool_3x3_s2_fwd(x: Array):
-    y = max_pool_3x3_s2(x)
-    return y, (x, y)
+def _keeping_input_and_output(pool):
+    """The custom-VJP forward of a max pool: its output, with (input, output) kept."""
+
+    def fwd(x: Array):
+        y = pool(x)
+        return y, (x, y)
+
+    return fwd
+
+
+def _first_maximum_grads(taps: list[Array], y: Array, g: Array) -> list[Array]:
+    """`g` where each tap (in the order given) is the first to hold its window's maximum."""
+    taken = jnp.zeros(y.shape, bool)
+    zero = jnp.zeros((), g.dtype)
+    grads = []
+    for tap in taps:
+        first = (tap == y) & ~taken
+        taken = taken | first
+        grads.append(jnp.where(first, g, zero))
+    return grads
+
+
+def _interleave_phases(phase: dict[tuple[int, int], Array]) -> Array:
+    """The four (row parity, column parity) phases, each (n, h, w, c), as (n, 2h, 2w, c)."""
+    n, h, w, c = phase[0, 0].shape
+    rows = [jnp.stack([phase[a, 0], phase[a, 1]], axis=3) for a in (0, 1)]  # (n, h, w, 2, c)
+    return jnp.stack(rows, axis=2).reshape(n, 2 * h, 2 * w, c)
 
 
 def _max_pool_3x3_s2_bwd(residuals, g: Array):
@@ -127,29 +151,20 @@ def _max_pool_3x3_s2_bwd(residuals, g: Array):
     n, h, w, c = x.shape
     ho, wo = y.shape[1], y.shape[2]
     # Padded input: rows -1 .. 2*ho (window of output row r: 2r-1 .. 2r+1).
-    hp, wp = 2 * ho + 2, 2 * wo + 2
-    pad = ((0, 0, 0), (1, hp - h - 1, 0), (1, wp - w - 1, 0), (0, 0, 0))
+    pad = ((0, 0, 0), (1, 2 * ho + 1 - h, 0), (1, 2 * wo + 1 - w, 0), (0, 0, 0))
     phases = lax.pad(x, jnp.array(-jnp.inf, x.dtype), pad).reshape(n, ho + 1, 2, wo + 1, 2, c)
-    taken = jnp.zeros(y.shape, bool)
+    offsets = [divmod(i, 2) + divmod(j, 2) for i in range(3) for j in range(3)]  # row-major
+    taps = [phases[:, oi : oi + ho, a, oj : oj + wo, b] for oi, a, oj, b in offsets]
     terms: dict[tuple[int, int], list[Array]] = {(a, b): [] for a in (0, 1) for b in (0, 1)}
     zero = jnp.zeros((), g.dtype)
-    for i in range(3):  # row-major: the first maximum wins
-        for j in range(3):
-            (oi, a), (oj, b) = divmod(i, 2), divmod(j, 2)
-            tap = phases[:, oi : oi + ho, a, oj : oj + wo, b]
-            first = (tap == y) & ~taken
-            taken = taken | first
-            term = jnp.where(first, g, zero)
-            terms[a, b].append(
-                lax.pad(term, zero, ((0, 0, 0), (oi, 1 - oi, 0), (oj, 1 - oj, 0), (0, 0, 0)))
-            )
-    part = {k: functools.reduce(jnp.add, v) for k, v in terms.items()}
-    rows = [jnp.stack([part[a, 0], part[a, 1]], axis=3) for a in (0, 1)]  # (n, ho+1, wo+1, 2, c)
-    dx = jnp.stack(rows, axis=2).reshape(n, hp, wp, c)
+    for (oi, a, oj, b), grad in zip(offsets, _first_maximum_grads(taps, y, g), strict=True):
+        shift = ((0, 0, 0), (oi, 1 - oi, 0), (oj, 1 - oj, 0), (0, 0, 0))
+        terms[a, b].append(lax.pad(grad, zero, shift))
+    dx = _interleave_phases({k: functools.reduce(jnp.add, v) for k, v in terms.items()})
     return (dx[:, 1 : 1 + h, 1 : 1 + w],)
 
 
-max_pool_3x3_s2.defvjp(_max_pool_3x3_s2_fwd, _max_pool_3x3_s2_bwd)
+max_pool_3x3_s2.defvjp(_keeping_input_and_output(max_pool_3x3_s2), _max_pool_3x3_s2_bwd)
 
 
 @jax.custom_vjp
@@ -173,31 +188,19 @@ def _windows_2x2(x: Array) -> Array:
     return x[:, : 2 * ho, : 2 * wo].reshape(n, ho, 2, wo, 2, c)
 
 
-def _max_pool_2x2_fwd(x: Array):
-    y = max_pool_2x2(x)
-    return y, (x, y)
-
-
 def _max_pool_2x2_bwd(residuals, g: Array):
     x, y = residuals
     n, h, w, c = x.shape
-    ho, wo = y.shape[1], y.shape[2]
-    hit = _windows_2x2(x) == y[:, :, None, :, None, :]
-    # Row-major window order (0,0), (0,1), (1,0), (1,1); only the first hit counts.
-    taken = jnp.zeros_like(hit[:, :, 0, :, 0])
-    grads = {}
-    for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)):
-        first = hit[:, :, i, :, j] & ~taken
-        taken = taken | first
-        grads[i, j] = jnp.where(first, g, jnp.zeros_like(g))
-    rows = [jnp.stack([grads[i, 0], grads[i, 1]], axis=3) for i in (0, 1)]  # (n, ho, wo, 2, c)
-    dx = jnp.stack(rows, axis=2).reshape(n, 2 * ho, 2 * wo, c)
-    if (h, w) != (2 * ho, 2 * wo):  # floor mode: the last odd row/column gets none
-        dx = jnp.pad(dx, ((0, 0), (0, h - 2 * ho), (0, w - 2 * wo), (0, 0)))
+    windows = _windows_2x2(x)
+    order = ((0, 0), (0, 1), (1, 0), (1, 1))  # row-major: the first maximum wins
+    grads = _first_maximum_grads([windows[:, :, i, :, j] for i, j in order], y, g)
+    dx = _interleave_phases(dict(zip(order, grads, strict=True)))
+    if dx.shape != x.shape:  # floor mode: the last odd row/column gets none
+        dx = jnp.pad(dx, ((0, 0), (0, h - dx.shape[1]), (0, w - dx.shape[2]), (0, 0)))
     return (dx,)
 
 
-max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
+max_pool_2x2.defvjp(_keeping_input_and_output(max_pool_2x2), _max_pool_2x2_bwd)
 
 
 def _adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
