@@ -23,7 +23,6 @@ depend on them); the data are generated images.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import tempfile
@@ -31,26 +30,10 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import jtransfer as jt
 from jtransfer import data, features, heads, partition, train
-
-
-def random_variables(model, size: int, seed: int = 0):
-    """torchvision-like random init from shapes alone (jitting model.init is slow on CPU)."""
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name, shape = path[-1].key, leaf.shape
-        if name == "kernel":
-            return rng.normal(0, math.sqrt(2 / math.prod(shape[:-1])), shape).astype(np.float32)
-        low, high = {"scale": (0.5, 1.5), "var": (0.5, 2.0)}.get(name, (-0.2, 0.2))
-        return rng.uniform(low, high, shape).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def timed(fn):
@@ -75,7 +58,7 @@ def main(argv=None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="probe_vs_finetune."))
     folder = data.make_demo_imagefolder(tmp / "train", n_per_class=n // 2, size=round(size * 1.25))
     backbone = jt.models.create(arch)
-    variables = random_variables(backbone, size)
+    variables = jt.models.random_variables(backbone, size)
     resize = (round(size * 256 / 224),) * 2
     embed = dict(arch=arch, image_size=size, resize_size=resize, batch_size=batch)
     sgd = dict(method="sgd", lr=args.lr, momentum=args.momentum, batch_size=batch, seed=0)

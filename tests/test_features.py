@@ -7,7 +7,6 @@ Compiling a ResNet-18 forward pass costs seconds on 2 cores, so the tests share 
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import jax
@@ -26,18 +25,7 @@ EMBED = dict(arch="resnet18", image_size=SIZE, batch_size=16)
 
 
 def random_variables(model, seed: int = 0):
-    """Random weights and BatchNorm statistics from shapes alone (jitting model.init is slow)."""
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name, shape = path[-1].key, leaf.shape
-        if name == "kernel":
-            return rng.normal(0, math.sqrt(2 / math.prod(shape[:-1])), shape).astype(np.float32)
-        low, high = {"scale": (0.5, 1.5), "var": (0.5, 2.0)}.get(name, (-0.2, 0.2))
-        return rng.uniform(low, high, shape).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+    return jt.models.random_variables(model, SIZE, seed)
 
 
 @functools.cache

@@ -7,8 +7,6 @@ import json
 import math
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -35,17 +33,7 @@ def loader(folder):
 def model_and_variables():
     """Random weights and BatchNorm statistics from shapes alone (jitting model.init is slow)."""
     model = jt.models.create(ARCH, num_classes=2)
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)))
-    rng = np.random.default_rng(0)
-
-    def fill(path, leaf):
-        name, shape = path[-1].key, leaf.shape
-        if name == "kernel":
-            return rng.normal(0, math.sqrt(2 / math.prod(shape[:-1])), shape).astype(np.float32)
-        low, high = {"scale": (0.5, 1.5), "var": (0.5, 2.0)}.get(name, (-0.2, 0.2))
-        return rng.uniform(low, high, shape).astype(np.float32)
-
-    return model, jax.tree_util.tree_map_with_path(fill, shapes)
+    return model, jt.models.random_variables(model, SIZE, seed=0)
 
 
 def flat(tree) -> dict[str, np.ndarray]:
