@@ -734,6 +734,7 @@ def fit(
         compute_dtype=compute_dtype,
         mesh=mesh,
         skip_nonfinite=skip_nonfinite,
+        frozen_params=partition.frozen_params(params, rules),
     )
     logits_fn = _make_logits_fn(model, mesh, compute_dtype)
     if state is None:

@@ -340,6 +340,7 @@ def lr_find(
         bn_policy=bn_policy,
         frozen_stages=fit.frozen_stages_for(arch, rules),
         compute_dtype=compute_dtype,
+        frozen_params=partition.frozen_params(variables["params"], rules),
     )
     state = train.create_train_state(model, variables, tx, seed)
     planned = exponential_lrs(start_lr, end_lr, num_steps)

@@ -491,6 +491,32 @@ def label_params(params, rule_list: Rules):
     return _resolve(params, rule_list)[0]
 
 
+def frozen_params(params, rule_list: Rules):
+    """Which parameters are frozen for the whole run: a pytree of bools like `params`.
+
+    True for a leaf whose label is statically frozen (`Group.is_frozen`: "frozen",
+    `frozen=True` or a constant multiplier 0); a schedule that may unfreeze
+    later counts as trained. Pass it as `train.make_train_step(frozen_params=...)`
+    so that the frozen leaves' gradients are constant zeros, free even where the
+    step reads every gradient (`skip_nonfinite`); `jtransfer.fit` and `lr_find`
+    do.
+
+    Args:
+        params: `variables["params"]` (arrays or ShapeDtypeStructs).
+        rule_list: the rules the optimizer was made from.
+
+    Returns:
+        Pytree of Python bools.
+
+    Example:
+        >>> frozen_params({"fc": {"bias": 0.0}, "conv1": {"kernel": 0.0}},
+        ...               preset("resnet18", "head"))
+        {'conv1': {'kernel': True}, 'fc': {'bias': False}}
+    """
+    labels, by_label = _resolve(params, rule_list)
+    return jax.tree.map(lambda label: by_label[label].is_frozen, labels)
+
+
 def _mult_text(group: Group) -> str:
     if group.is_frozen:
         return "-"
@@ -771,6 +797,7 @@ __all__ = [
     "Spec",
     "as_group",
     "finetune",
+    "frozen_params",
     "frozen_prefix",
     "frozen_prefix_schedule",
     "gradual_unfreeze",

@@ -440,3 +440,35 @@ def test_data_parallel_matches_one_device_exactly_in_float64():
         for quantity, err in step.items():
             assert err <= 1e-6, (i + 1, quantity, steps)
             assert err <= (loss_bound if quantity == "loss" else 1e-10), (i + 1, quantity, steps)
+
+
+def test_frozen_params_drop_the_frozen_layers_gradient_work_and_change_nothing(
+    model, variables, batch
+):
+    """A stage frozen by a rule, not a prefix (layer2 here), in a step that reads
+    every gradient (return_grads; skip_nonfinite's check does too): frozen_params
+    makes its gradient a constant zero, so its kernel-gradient products disappear,
+    and the step's results are bit for bit those of the step without it."""
+    rules = partition.rules(ARCH, default=1.0, layer2="frozen", fc=10.0)
+    tx = partition.make_optimizer(variables["params"], rules, learning_rate=1e-2, momentum=0.9)
+    mask = partition.frozen_params(variables["params"], rules)
+    assert mask["layer2_0"]["conv1"]["kernel"] and not mask["layer3_0"]["conv1"]["kernel"]
+
+    plain = train.make_train_step(model, tx, donate=False, return_grads=True)
+    pruned = train.make_train_step(model, tx, donate=False, return_grads=True, frozen_params=mask)
+    state = train.create_train_state(model, variables, tx)
+    # layer2: 4 3x3 convs (9 kernel-gradient products each) + the 1x1 downsample.
+    assert (
+        heavy_ops(plain.lower(state, batch).as_text())
+        - heavy_ops(pruned.lower(state, batch).as_text())
+        == 4 * 9 + 1
+    )
+
+    (s1, m1), (s2, m2) = plain(state, batch), pruned(state, batch)
+    assert identical(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params))
+    assert identical(jax.tree.leaves(s1.batch_stats), jax.tree.leaves(s2.batch_stats))
+    assert identical(jax.tree.leaves(s1.opt_state), jax.tree.leaves(s2.opt_state))
+    assert m1["loss"] == m2["loss"]
+    frozen_grads = jax.tree.leaves(m2["grads"]["layer2_0"])
+    assert all(not g.any() for g in frozen_grads)
+    assert all(g.any() for g in jax.tree.leaves(m2["grads"]["layer1_0"]))  # gradient flows through
