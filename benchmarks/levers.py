@@ -192,7 +192,8 @@ def markdown(all_levers, setup, times, cache, cfg, info) -> str:
         "",
         f"Batch {batch}, {cfg['size']}x{cfg['size']} images; each configuration in its own "
         f"process, all driven in turn for {cfg['reps']} reps (one eval call and one full "
-        "fine-tune step each per rep). **The machine was shared with other engineers' jobs**; "
+        "fine-tune step each per rep), so load from other processes (load average above) hits "
+        "all alike; "
         "`vs ref` = median over reps of the reference's time / the lever's time in the same "
         f"rep (> 1: lever faster; reference: `{jax_ref}` for jax rows, `{torch_ref}` for "
         "torch rows); `vs torch` likewise against each torch row (jt/torch images/s). "
