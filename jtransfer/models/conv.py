@@ -146,17 +146,14 @@ def _conv2d_bwd(strides, padding, precision, residuals, g):
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
-def _matmul(a: Array, b: Array, contract: tuple[int, int], precision) -> Array:
-    """a @ b contracting a's axis contract[0] with b's contract[1]; float32 or wider sums."""
-    acc = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
-    dims = (((contract[0],), (contract[1],)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=acc)
+def _matmul(a: Array, b: Array, contract: tuple[int, int], precision, batched=False) -> Array:
+    """a @ b contracting a's axis contract[0] with b's contract[1]; float32 or wider sums.
 
-
-def _batched_matmul(a: Array, b: Array, precision=None) -> Array:
-    """a[t]^T @ b[t] for each t: (T, M, P) x (T, M, Q) -> (T, P, Q), float32 or wider sums."""
+    `batched`: axis 0 of both is a batch axis (one product per index).
+    """
     acc = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
-    dims = (((1,), (1,)), ((0,), (0,)))
+    batch = ((0,), (0,)) if batched else ((), ())
+    dims = (((contract[0],), (contract[1],)), batch)
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=acc)
 
 
@@ -192,7 +189,8 @@ def _kernel_grad(x, g, kernel_shape, strides, padding, precision) -> Array:
                 (1, sh, sw, 1),
             )
             if per_image:
-                taps.append(_batched_matmul(seen.reshape(n, ho * wo, cin), g2, precision).sum(0))
+                per_tap = _matmul(seen.reshape(n, ho * wo, cin), g2, (1, 1), precision, True)
+                taps.append(per_tap.sum(0))
             else:
                 taps.append(_matmul(seen.reshape(n * ho * wo, cin), g2, (0, 0), precision))
     return jnp.stack(taps).reshape(kernel_shape)
