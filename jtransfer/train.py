@@ -279,10 +279,16 @@ def _check_options(model, loss_reduction, bn_policy, frozen_stages) -> None:
         )
 
 
-def _loss_fn(model, loss_reduction: str, bn_policy: str):
+def _loss_fn(model, loss_reduction: str, bn_policy: str, frozen_params=None):
     """(params, batch_stats, batch, rng, frozen_stages) -> (loss, (batch_stats, metrics))."""
 
     def loss_fn(params, batch_stats, batch, rng, frozen_stages):
+        if frozen_params is not None:
+            # A stop_gradient leaf's gradient is a constant zero: no kernel-gradient
+            # products for a frozen layer even where the gradient is read.
+            params = jax.tree.map(
+                lambda p, frozen: jax.lax.stop_gradient(p) if frozen else p, params, frozen_params
+            )
         variables = {"params": params, "batch_stats": batch_stats}
         with _bn_context(bn_policy):
             logits, updates = model.apply(
@@ -324,19 +330,7 @@ def _grads_and_metrics(
     if callable(frozen_stages):
         fs = jnp.asarray(frozen_stages(state.step), jnp.int32)
     rng = jax.random.fold_in(state.rng, state.step)
-    loss_fn = _loss_fn(model, loss_reduction, bn_policy)
-    if frozen_params is not None:
-        # A stop_gradient leaf's gradient is a constant zero: no kernel-gradient
-        # products for a frozen layer even where the gradient is read.
-        inner = loss_fn
-
-        def loss_fn(params, *args):
-            kept = jax.tree.map(
-                lambda p, frozen: jax.lax.stop_gradient(p) if frozen else p, params, frozen_params
-            )
-            return inner(kept, *args)
-
-    grad_fn = jax.grad(loss_fn, has_aux=True)
+    grad_fn = jax.grad(_loss_fn(model, loss_reduction, bn_policy, frozen_params), has_aux=True)
     grads, (batch_stats, metrics) = grad_fn(state.params, state.batch_stats, batch, rng, fs)
     return grads, batch_stats, metrics
 
