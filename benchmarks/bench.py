@@ -375,13 +375,10 @@ def jax_epoch(pair: Pair, folder: Path, size: int) -> tuple[Callable[[], Any], i
     process one batch ahead on a thread) feeding the fine-tune train step."""
     import jax
 
-    from jtransfer import data, partition, train
+    from jtransfer import data
 
-    params = pair.variables["params"]
-    rules = partition.finetune(pair.arch, HEAD_MULT)
-    tx = partition.make_optimizer(params, rules, learning_rate=LR, weight_decay=WEIGHT_DECAY)
-    step = train.make_train_step(pair.model, tx, loss_reduction="sum")
-    holder = {"state": train.create_train_state(pair.model, pair.variables, tx)}
+    step, state = _jax_trainer(pair, "finetune")
+    holder = {"state": state}
     batch = len(pair.y_torch)
     loader = data.make_loader(
         data.ImageFolder(folder), batch_size=batch, train=True, image_size=size
@@ -405,8 +402,6 @@ def jax_step(
     """
     import jax
 
-    from jtransfer import partition, train
-
     model, variables, batch = pair.model, pair.variables, pair.batch
     if mode == "eval":
         apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
@@ -417,23 +412,31 @@ def jax_step(
 
         return run_eval, lambda: jax.device_get(out["logits"])
 
-    if mode == "finetune":
-        rules, frozen = partition.finetune(pair.arch, HEAD_MULT), 0
-    else:
-        rules = partition.preset(pair.arch, "head")
-        frozen = partition.frozen_prefix(pair.arch, rules)
-    params = variables["params"]
-    tx = partition.make_optimizer(params, rules, learning_rate=LR, weight_decay=WEIGHT_DECAY)
-    step = train.make_train_step(
-        model, tx, loss_reduction="sum", frozen_stages=frozen, donate=donate
-    )
-    holder = {"state": train.create_train_state(model, variables, tx)}
+    step, state = _jax_trainer(pair, mode, donate)
+    holder = {"state": state}
 
     def run_train():
         state, metrics = step(holder["state"], batch)
         holder["state"], holder["metrics"] = jax.block_until_ready((state, metrics))
 
     return run_train, lambda: float(holder["metrics"]["loss"])
+
+
+def _jax_trainer(pair: Pair, mode: str, donate: bool = True) -> tuple[Callable, Any]:
+    """(train step, initial state) for a `finetune` or `frozen` step."""
+    from jtransfer import partition, train
+
+    if mode == "finetune":
+        rules, frozen = partition.finetune(pair.arch, HEAD_MULT), 0
+    else:
+        rules = partition.preset(pair.arch, "head")
+        frozen = partition.frozen_prefix(pair.arch, rules)
+    params = pair.variables["params"]
+    tx = partition.make_optimizer(params, rules, learning_rate=LR, weight_decay=WEIGHT_DECAY)
+    step = train.make_train_step(
+        pair.model, tx, loss_reduction="sum", frozen_stages=frozen, donate=donate
+    )
+    return step, train.create_train_state(pair.model, pair.variables, tx)
 
 
 def _agreement(mode: str, arch: str, t_val, j_val) -> str:
