@@ -67,10 +67,11 @@ def test_unsupported_configurations_fall_back_to_xla():
         np.testing.assert_array_equal(ours, ref)
 
 
+# name: (jtransfer function, torch.nn.MaxPool2d arguments, gradient atol)
 POOLS = {
-    "2x2": ("max_pool_2x2", lambda: __import__("torch").nn.MaxPool2d(2, 2), 0.0),
+    "2x2": ("max_pool_2x2", (2, 2), 0.0),
     # Overlapping windows sum gradients in another order than torch: rounding.
-    "3x3/2 pad 1": ("max_pool_3x3_s2", lambda: __import__("torch").nn.MaxPool2d(3, 2, 1), 1e-6),
+    "3x3/2 pad 1": ("max_pool_3x3_s2", (3, 2, 1), 1e-6),
 }
 
 
@@ -82,7 +83,7 @@ def test_max_pools_match_torch_including_ties(pool, shape):
 
     from jtransfer.models import layers
 
-    name, make_torch_pool, atol = POOLS[pool]
+    name, torch_args, atol = POOLS[pool]
     rng = np.random.RandomState(shape[1])
     # Rounded, ReLU'd values: many windows hold two or more equal maxima (zeros too).
     x = np.maximum(np.round(rng.randn(*shape), 1), 0).astype(np.float32)
@@ -92,7 +93,7 @@ def test_max_pools_match_torch_including_ties(pool, shape):
     (dx,) = vjp(jnp.asarray(g))
 
     xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
-    yt = make_torch_pool()(xt)
+    yt = torch.nn.MaxPool2d(*torch_args)(xt)
     yt.backward(torch.tensor(g.transpose(0, 3, 1, 2)))
     np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1))
     np.testing.assert_allclose(
