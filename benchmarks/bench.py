@@ -543,6 +543,8 @@ def machine_info() -> dict[str, str]:
         f"{torch.get_num_interop_threads()} inter-op",
         "jax": f"{jax.__version__} (jaxlib {jaxlib.__version__}, {jax.default_backend()})",
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") or "(none: XLA defaults)",
+        # Set by hostmem.reexec_with_hugepages for both frameworks (JTRANSFER_HUGEPAGES=0: off).
+        "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "") or "(none)",
         "load average at start": load,
     }
 
@@ -701,4 +703,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
 
 
 if __name__ == "__main__":
+    from jtransfer import hostmem
+
+    hostmem.reexec_with_hugepages()  # huge pages for XLA's per-step buffers
     main()

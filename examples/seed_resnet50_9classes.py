@@ -140,4 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from jtransfer import hostmem
+
+    hostmem.reexec_with_hugepages()  # huge pages for XLA's per-step buffers
     raise SystemExit(main())
