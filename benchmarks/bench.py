@@ -26,7 +26,8 @@ run four kinds of step:
   + the same train step as ``finetune``.
 
 The two frameworks alternate rep by rep in one process (which one goes first
-alternates too), so load from other processes hits both alike; the table shows
+alternates too; each timed call follows an untimed one of the same framework, see
+`alternate`), so load from other processes hits both alike; the table shows
 medians and ``jt/torch`` = jtransfer images/s over torch images/s (> 1: jtransfer
 is faster). jax compile time is the first call minus the steady-state median.
 Memory is the peak resident-set growth of the process during a steady-state
@@ -42,9 +43,11 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -187,6 +190,12 @@ def alternate(
 ) -> tuple[list[float], list[float], float, float, int, int]:
     """First call of each (torch warm-up, jax compile), then `reps` alternating pairs.
 
+    In every rep each side runs twice in a row and only the second call is timed:
+    a call right after the other framework's paid for that framework's memory
+    churn (on the 2-core EPYC a ResNet-18 jax step took 616 ms right after a torch
+    step, 358 ms right after its own; torch's own steps vary less), and a training
+    loop runs its own steps back to back.
+
     `after_first` runs between the first calls and the timed reps (e.g. to
     compare the two sides' first results).
     """
@@ -198,6 +207,7 @@ def alternate(
     for i in range(reps):
         order = ((ts, torch_fn, 0), (js, jax_fn, 1))
         for out, fn, which in order if i % 2 == 0 else order[::-1]:
+            fn()  # settle: see the docstring
             dt, mem = meter(fn)
             out.append(dt)
             if which == 0:
@@ -569,8 +579,9 @@ def markdown(results: Sequence[Result], info: dict[str, str], cfg: dict[str, Any
         "",
         f"Images {cfg['size']}x{cfg['size']}, {NUM_CLASSES} classes, {cfg['reps']} timed reps "
         "per cell after one warm-up (jax: compile) call; torch and jax alternate rep by rep in "
-        "one process, so load from other processes (see the load average above) hits both "
-        "alike; the ratio of adjacent runs is the meaningful figure. "
+        "one process (each timed call right after an untimed one of the same side), so load "
+        "from other processes (see the load average above) hits both alike; the ratio of "
+        "adjacent runs is the meaningful figure. "
         "`jt/torch` = jtransfer images/s / torch images/s from the medians (> 1: jtransfer "
         "faster); `paired` = min-max of the per-rep ratios. Compile = jax first call minus "
         "its median (`< noise` where the step-to-step noise exceeds it). Peak dRSS = "
@@ -657,10 +668,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="torch.set_num_threads; 'auto' (default) races nproc threads against 1 "
         "after each warm-up and keeps the faster; 'default' leaves torch's own setting",
     )
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every (arch, batch) case in this process; by default each case gets a "
+        "fresh process when there are several (memory left by earlier cases slowed later "
+        "ones by up to 2x on the 2-core EPYC)",
+    )
+    p.add_argument("--results-json", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.archs, args.batch, args.reps = ["resnet18"], [16], 2
     return args
+
+
+def run_case_in_subprocess(arch: str, batch: int, args: argparse.Namespace) -> list[Result]:
+    """`run_case` in a fresh Python process (this script, one case), its results read back."""
+    threads = args.torch_threads
+    with tempfile.TemporaryDirectory(prefix="jtransfer-bench-case-") as tmp:
+        out = Path(tmp) / "results.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--archs", arch]
+        cmd += ["--batch", str(batch), "--size", str(args.size), "--reps", str(args.reps)]
+        cmd += ["--modes", *args.modes, f"--xla-flags={args.xla_flags}"]
+        cmd += ["--torch-threads", "default" if threads is None else str(threads)]
+        cmd += ["--results-json", str(out)]
+        if args.compile_cache:
+            cmd += ["--compile-cache", args.compile_cache]
+        subprocess.run(cmd, check=True)
+        return [Result(**r) for r in json.loads(out.read_text())]
 
 
 def main(argv: Sequence[str] | None = None) -> list[Result]:
@@ -671,10 +706,14 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
     start = time.perf_counter()
     info = machine_info()
     print("machine:", "; ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
+    cases = [(arch, batch) for arch in args.archs for batch in args.batch]
     results = []
-    with tempfile.TemporaryDirectory(prefix="jtransfer-bench-") as epoch_dir:
-        for arch in args.archs:
-            for batch in args.batch:
+    if len(cases) > 1 and not args.in_process:
+        for arch, batch in cases:
+            results += run_case_in_subprocess(arch, batch, args)
+    else:
+        with tempfile.TemporaryDirectory(prefix="jtransfer-bench-") as epoch_dir:
+            for arch, batch in cases:
                 results += run_case(
                     arch,
                     batch,
@@ -684,13 +723,17 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
                     torch_threads=args.torch_threads,
                     epoch_dir=Path(epoch_dir),
                 )
+    if args.results_json:  # a case run for a parent process: it writes the table
+        args.results_json.write_text(json.dumps([dataclasses.asdict(r) for r in results]))
+        return results
     usage = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     cfg = {
         "command": " ".join(["python benchmarks/bench.py", *(argv or sys.argv[1:])]),
         "size": args.size,
         "reps": args.reps,
         "wall_s": time.perf_counter() - start,
-        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "cpu_s": usage.ru_utime + usage.ru_stime + children.ru_utime + children.ru_stime,
         "torch_threads": args.torch_threads,
     }
     text = markdown(results, info, cfg)
