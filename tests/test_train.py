@@ -148,9 +148,10 @@ def test_bn_policy_frozen_uses_running_statistics_everywhere(model, variables, b
 
 
 def heavy_ops(hlo: str) -> int:
-    """Convolutions and matrix products: the forward convs are XLA's (1x1 ones are
-    dot_generals), their backward is dot_generals (jtransfer.models.conv), the head
-    is a dot_general."""
+    """Convolutions and matrix products: the 7x7 and stride-2 convs are XLA's
+    convolutions, the 3x3 stride-1 ones 16 Winograd products each, 1x1 ones one
+    product; backward passes are products (jtransfer.models.conv, .winograd); the
+    head is a product."""
     return hlo.count("stablehlo.convolution") + hlo.count("stablehlo.dot_general")
 
 
@@ -162,9 +163,10 @@ def test_static_freezing_removes_the_backward_convolutions(model, variables, bat
         .lower(variables, batch["image"])
         .as_text()
     )
-    # conv1 + 16 block convolutions; the 3 downsample 1x1 convolutions are products.
-    assert forward_hlo.count("stablehlo.convolution") == 17
-    assert heavy_ops(forward_hlo) == 21  # ... plus the head
+    # conv1 + the 3 stride-2 block convolutions; the 13 stride-1 3x3 ones are 16
+    # Winograd products each, the 3 downsample 1x1 convolutions one product each.
+    assert forward_hlo.count("stablehlo.convolution") == 4
+    assert heavy_ops(forward_hlo) == 4 + 13 * 16 + 3 + 1  # ... plus the head
     counts = {
         k: heavy_ops(
             train.make_train_step(model, tx, frozen_stages=k).lower(state, batch).as_text()
@@ -457,11 +459,12 @@ def test_frozen_params_drop_the_frozen_layers_gradient_work_and_change_nothing(
     plain = train.make_train_step(model, tx, donate=False, return_grads=True)
     pruned = train.make_train_step(model, tx, donate=False, return_grads=True, frozen_params=mask)
     state = train.create_train_state(model, variables, tx)
-    # layer2: 4 3x3 convs (9 kernel-gradient products each) + the 1x1 downsample.
+    # layer2's kernel gradients: the stride-2 3x3 conv's 9 per-tap products, one
+    # batched Winograd product for each of its 3 stride-1 3x3 convs, the 1x1 downsample's.
     assert (
         heavy_ops(plain.lower(state, batch).as_text())
         - heavy_ops(pruned.lower(state, batch).as_text())
-        == 4 * 9 + 1
+        == 9 + 3 + 1
     )
 
     (s1, m1), (s2, m2) = plain(state, batch), pruned(state, batch)
