@@ -136,12 +136,23 @@ class ArchParity:
         return logits_ok and stats_ok
 
 
-def measure(arch: str, sizes=(224, 97), batch: int = 2, seed: int = 0) -> ArchParity:
-    """Worst relative errors of jtransfer vs torchvision for one architecture."""
+def measure(
+    arch: str,
+    sizes=(224, 97),
+    batch: int = 2,
+    seed: int = 0,
+    *,
+    net: torch.nn.Module | None = None,
+    variables=None,
+) -> ArchParity:
+    """Worst relative errors of jtransfer vs torchvision for one architecture.
+
+    `net` (default `torch_model(arch, seed)`) and `variables` (default: `net`
+    ported by `from_torchvision`) can be passed in by a caller that needs them too.
+    """
     t0 = time.perf_counter()
-    net = torch_model(arch, seed)
-    sd = net.state_dict()
-    variables = from_torchvision(sd, arch)
+    net = torch_model(arch, seed) if net is None else net
+    variables = from_torchvision(net.state_dict(), arch) if variables is None else variables
     g = torch.Generator().manual_seed(seed + 1)
     ev_logits = ev_feats = 0.0
     for size in sizes:

@@ -7,12 +7,15 @@ pool with overlapping bins), eval and train mode, logits and stage features.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 import jtransfer as jt
 
 torch = pytest.importorskip("torch")
 parity = pytest.importorskip("porting.parity")
+import porting  # noqa: E402  (needs torch)
 
 TARGET = 1e-5  # max|jax - torch| / max|torch|
 
@@ -26,7 +29,12 @@ def arch(request):
 
 @pytest.fixture(scope="module")
 def measured(arch):
-    return parity.measure(arch, sizes=(224, 97), batch=2), _roundtrip(arch)
+    # One torch model and one port per architecture serve every check.
+    net = parity.torch_model(arch)
+    variables = porting.from_torchvision(net.state_dict(), arch)
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    r = parity.measure(arch, sizes=(224, 97), batch=2, net=net, variables=variables)
+    return r, (net, sd, porting.to_torchvision(variables, arch))
 
 
 def test_eval_logits_and_features_match_torchvision(arch, measured):
@@ -45,20 +53,9 @@ def test_train_mode_logits_and_running_stats_match_torchvision(arch, measured):
 
 
 def test_export_round_trip_is_bit_exact_and_loads_strict(arch, measured):
-    _, (sd, exported) = measured
+    _, (net, sd, exported) = measured
     assert set(exported) == set(sd)
     for key, value in sd.items():
         if "num_batches_tracked" not in key:
             assert torch.equal(exported[key], value), key
-
-
-def _roundtrip(arch):
-    import copy
-
-    import porting
-
-    net = parity.torch_model(arch)
-    sd = net.state_dict()
-    exported = porting.to_torchvision(porting.from_torchvision(sd, arch), arch)
     copy.deepcopy(net).load_state_dict(exported, strict=True)
-    return sd, exported
