@@ -1,9 +1,11 @@
 """jtransfer.models.conv against XLA's own convolution and its gradients; VGG's
 and ResNet's max-pool gradients against torch's.
 
-Every code path of `conv2d` is hit: the 1x1 matrix-product forward (stride 1 and
-2, odd sizes), the per-tap kernel gradient over all positions and the per-image
-one (few channels, many positions), strides 1 and 2, the 7x7 stem.
+Every code path of `conv_general_dilated` is hit: the 1x1 matrix-product forward
+(stride 1 and 2, odd sizes), Winograd (3x3 stride 1, see also test_winograd.py),
+the per-tap kernel gradient over all positions and the per-image one (few
+channels, many positions), strides 1 and 2, and the 7x7 RGB stem, which is left
+to XLA both ways (fewer than 8 input channels).
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 CASES = [
     (9, 16, 24, 1, 1, 0),  # 1x1 forward as a product
     (7, 16, 24, 1, 2, 0),  # 1x1, stride 2 over an odd size (ResNet-50 layer4 at 112 px)
-    (28, 8, 16, 3, 1, 1),  # per-image kernel gradient (8*16 channels, 28*28 positions)
-    (28, 96, 96, 3, 1, 1),  # one product per tap (96*96 > 64*128)
+    (28, 8, 16, 3, 1, 1),  # Winograd F(2x2, 3x3)
+    (57, 8, 16, 3, 2, 1),  # per-image kernel gradient (8*16 channels, 29*29 positions)
+    (15, 96, 96, 3, 2, 1),  # one product per tap (96*96 > 64*128)
     (13, 8, 16, 3, 2, 1),  # stride 2, odd size: the last row/column is never read
-    (58, 3, 8, 7, 2, 3),  # the stem: 7x7, stride 2, padding 3, per image
+    (58, 3, 8, 7, 2, 3),  # the RGB stem: 7x7, stride 2, padding 3; XLA's own both ways
 ]
 
 
@@ -65,6 +68,42 @@ def test_unsupported_configurations_fall_back_to_xla():
         ours = conv.conv_general_dilated(x, w, (1, 1), dimension_numbers=NHWC, **kwargs)
         ref = lax.conv_general_dilated(x, w, (1, 1), dimension_numbers=NHWC, **kwargs)
         np.testing.assert_array_equal(ours, ref)
+
+
+def _custom_vjp_calls(cin: int, k: int, stride: int) -> int:
+    x = jnp.ones((2, 16, 16, cin))
+    w = jnp.ones((k, k, cin, 8))
+    pad = ((k // 2, k // 2),) * 2
+    jaxpr = jax.make_jaxpr(
+        lambda a, b: conv.conv_general_dilated(a, b, (stride,) * 2, pad, dimension_numbers=NHWC)
+    )(x, w)
+    return str(jaxpr).count("custom_vjp_call")
+
+
+def test_rgb_input_layers_are_left_to_xla_and_wider_ones_are_not():
+    # ResNet's 7x7/2 stem and VGG's first 3x3 read 3 channels: XLA's own
+    # convolution and autodiff (no custom VJP); from 8 channels on, conv2d's.
+    assert _custom_vjp_calls(3, 7, 2) == 0
+    assert _custom_vjp_calls(3, 3, 1) == 0
+    assert _custom_vjp_calls(7, 3, 1) == 0
+    assert _custom_vjp_calls(8, 3, 1) == 1
+    assert _custom_vjp_calls(8, 7, 2) == 1
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 5])
+def test_xla_convolutions_split_the_batch_on_a_multi_core_cpu(monkeypatch, batch):
+    monkeypatch.setattr(conv.os, "cpu_count", lambda: 2)
+    assert conv.batch_parts(batch) == min(batch, 2)
+    rng = np.random.RandomState(batch)
+    for cin, stride in ((3, 2), (8, 2)):  # the RGB stem (no custom VJP), a stride-2 layer
+        x = jnp.asarray(rng.randn(batch, 15, 15, cin), jnp.float32)
+        w = jnp.asarray(rng.randn(3, 3, cin, 8), jnp.float32)
+        hlo = jax.jit(lambda a, b, s=stride: _ours(a, b, s, 1)).lower(x, w).as_text()
+        assert hlo.count("stablehlo.convolution") == min(batch, 2)
+        # Each image's output is the same computation as in one batched call.
+        np.testing.assert_array_equal(_ours(x, w, stride, 1), _reference(x, w, stride, 1))
+    monkeypatch.setattr(conv.os, "cpu_count", lambda: 1)
+    assert conv.batch_parts(batch) == 1
 
 
 # name: (jtransfer function, torch.nn.MaxPool2d arguments, gradient atol)

@@ -17,6 +17,7 @@ import pytest
 import jtransfer as jt
 from jtransfer import partition, train
 from jtransfer.errors import ConfigError, NonFiniteLossError
+from jtransfer.models import conv
 
 ARCH = "resnet18"
 SIZE = 32
@@ -163,10 +164,12 @@ def test_static_freezing_removes_the_backward_convolutions(model, variables, bat
         .lower(variables, batch["image"])
         .as_text()
     )
-    # conv1 + the 3 stride-2 block convolutions; the 13 stride-1 3x3 ones are 16
-    # Winograd products each, the 3 downsample 1x1 convolutions one product each.
-    assert forward_hlo.count("stablehlo.convolution") == 4
-    assert heavy_ops(forward_hlo) == 4 + 13 * 16 + 3 + 1  # ... plus the head
+    # conv1 + the 3 stride-2 block convolutions (each as `batch_parts` part-batch
+    # ones on a multi-core CPU); the 13 stride-1 3x3 ones are 16 Winograd products
+    # each, the 3 downsample 1x1 convolutions one product each.
+    convs = 4 * conv.batch_parts(batch["image"].shape[0])
+    assert forward_hlo.count("stablehlo.convolution") == convs
+    assert heavy_ops(forward_hlo) == convs + 13 * 16 + 3 + 1  # ... plus the head
     counts = {
         k: heavy_ops(
             train.make_train_step(model, tx, frozen_stages=k).lower(state, batch).as_text()
