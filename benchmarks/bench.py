@@ -31,8 +31,9 @@ alternates too; each timed call follows an untimed one of the same framework, se
 medians and ``jt/torch`` = jtransfer images/s over torch images/s (> 1: jtransfer
 is faster). jax compile time is the first call minus the steady-state median.
 Memory is the peak resident-set growth of the process during a steady-state
-step, sampled every few ms from another thread: approximate (allocator caching,
-sampling granularity), good for orders of magnitude only.
+step, sampled every few ms from another thread during the untimed call before
+each timed one: approximate (allocator caching, sampling granularity), good for
+orders of magnitude only.
 
 The jax side runs with the XLA CPU flags in `JAX_XLA_FLAGS` (see
 benchmarks/levers.py and benchmarks/LEVERS.md for how they were chosen).
@@ -194,7 +195,9 @@ def alternate(
     a call right after the other framework's paid for that framework's memory
     churn (on the 2-core EPYC a ResNet-18 jax step took 616 ms right after a torch
     step, 358 ms right after its own; torch's own steps vary less), and a training
-    loop runs its own steps back to back.
+    loop runs its own steps back to back. The first of the two is the one whose
+    peak memory `meter` samples: its sampling thread, waking every few ms, slowed
+    the call it watched (2 cores, ResNet-18 eval: jax +6-16%, torch +2-5%).
 
     `after_first` runs between the first calls and the timed reps (e.g. to
     compare the two sides' first results).
@@ -207,9 +210,10 @@ def alternate(
     for i in range(reps):
         order = ((ts, torch_fn, 0), (js, jax_fn, 1))
         for out, fn, which in order if i % 2 == 0 else order[::-1]:
-            fn()  # settle: see the docstring
-            dt, mem = meter(fn)
-            out.append(dt)
+            _, mem = meter(fn)  # settle and sample memory: see the docstring
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
             if which == 0:
                 tm = max(tm, mem)
             else:
@@ -586,7 +590,8 @@ def markdown(results: Sequence[Result], info: dict[str, str], cfg: dict[str, Any
         "faster); `paired` = min-max of the per-rep ratios. Compile = jax first call minus "
         "its median (`< noise` where the step-to-step noise exceeds it). Peak dRSS = "
         "growth of the process RSS during a steady-state step, "
-        "sampled every 5 ms: approximate. `thr` = torch intra-op threads used "
+        "sampled every 5 ms during the untimed call before each timed one: approximate. "
+        "`thr` = torch intra-op threads used "
         + (
             "(`--torch-threads auto`: after the warm-up, one call with nproc threads and one "
             "with 1 thread, the faster kept per cell). "
