@@ -20,7 +20,7 @@ Layers with fewer than 8 input channels (the RGB input layer: ResNet's 7x7/2
 stem, VGG's first 3x3) are left to XLA's own convolution and autodiff, faster
 there both ways (see `_NATIVE_BELOW_CHANNELS`). On a multi-core CPU, XLA's own
 convolutions run as two half-batch ones, which XLA runs side by side (see
-`_split_batch`).
+`_xla_conv`).
 
 Every other forward pass is XLA's own convolution, except that a 1x1
 convolution is the matrix product it stands for (3-4x faster on XLA:CPU; on
@@ -80,17 +80,7 @@ def conv_general_dilated(
         and _is_nhwc(dimension_numbers, lhs.shape, rhs.shape)
     )
     if plain and _few_input_channels(rhs):
-        return _split_batch(
-            lambda part: lax.conv_general_dilated(
-                part,
-                rhs,
-                window_strides,
-                padding,
-                dimension_numbers=dimension_numbers,
-                precision=precision,
-            ),
-            lhs,
-        )
+        return _xla_conv(lhs, rhs, window_strides, padding, precision)
     if not plain:
         return lax.conv_general_dilated(
             lhs,
@@ -167,12 +157,7 @@ def _forward(x: Array, kernel: Array, strides, padding, precision) -> Array:
             x.reshape(n * h * w, cin), kernel.reshape(cin, cout), dims, precision=precision
         )
         return y.reshape(n, h, w, cout)
-    return _split_batch(
-        lambda part: lax.conv_general_dilated(
-            part, kernel, strides, padding, dimension_numbers=_NHWC, precision=precision
-        ),
-        x,
-    )
+    return _xla_conv(x, kernel, strides, padding, precision)
 
 
 # XLA:CPU runs one convolution on one thread (YNNPACK), and the net's 7x7 stem
@@ -187,13 +172,19 @@ _CPU_SPLIT = 2
 
 
 def batch_parts(n: int) -> int:
-    """Parts an XLA convolution over a batch of `n` is split into (see `_split_batch`)."""
+    """Parts an XLA convolution over a batch of `n` is split into (see `_xla_conv`)."""
     multi_core = jax.default_backend() == "cpu" and (os.cpu_count() or 1) > 1
     return max(min(_CPU_SPLIT if multi_core else 1, n), 1)
 
 
-def _split_batch(conv, x: Array) -> Array:
-    """conv(x), as `batch_parts` convolutions over parts of the batch."""
+def _xla_conv(x: Array, kernel: Array, strides, padding, precision) -> Array:
+    """XLA's own NHWC x HWIO convolution, as `batch_parts` convolutions over parts of the batch."""
+
+    def conv(part: Array) -> Array:
+        return lax.conv_general_dilated(
+            part, kernel, strides, padding, dimension_numbers=_NHWC, precision=precision
+        )
+
     n = x.shape[0]
     parts = batch_parts(n)
     if parts < 2:
