@@ -63,3 +63,55 @@ def test_tiny_run_writes_the_table(bench, tmp_path, torch_threads):
     assert "| resnet18 | 2 | finetune |" in text
     # The machine line (cores, load average) that says how to read the ratios.
     assert "nproc" in text and "load average" in text
+
+
+GPU = BENCH.with_name("gpu.py")
+
+
+@pytest.fixture
+def gpu(bench, monkeypatch):
+    # gpu.py sets these with setdefault; keep them out of this pytest process.
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    spec = importlib.util.spec_from_file_location("jt_gpu_bench", GPU)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["jt_gpu_bench"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("jt_gpu_bench", None)
+
+
+def test_gpu_script_counts_torchvisions_flops_and_knows_the_peaks(gpu):
+    import torch
+    import torchvision
+
+    for arch, weights in (("resnet18", "ResNet18_Weights"), ("resnet50", "ResNet50_Weights")):
+        net = getattr(torchvision.models, arch)()
+        gmacs = getattr(torchvision.models, weights).IMAGENET1K_V1.meta["_ops"]
+        flops = gpu.forward_flops(net, torch.zeros(1, 3, 224, 224))
+        assert flops / 2e9 == pytest.approx(gmacs, abs=1e-3), arch  # torchvision counts MACs
+        assert net.training  # the count leaves the mode as it was
+    assert gpu.bf16_peak("NVIDIA H200") == gpu.bf16_peak("NVIDIA H100 80GB HBM3") == 989.0
+    assert gpu.bf16_peak("NVIDIA H100 PCIe") == 756.0
+    assert gpu.bf16_peak("NVIDIA A100-SXM4-80GB") == 312.0
+    assert gpu.bf16_peak("Some Future GPU") is None
+
+
+def test_gpu_script_runs_its_cells_on_the_cpu(gpu, tmp_path, torch_threads):
+    """`--device cpu`, float32 (torch.compile is not exercised here: minutes on 2 cores)."""
+    out = tmp_path / "RESULTS-gpu.md"
+    argv = ["--device", "cpu", "--archs", "resnet18", "--batch", "2", "--size", "32"]
+    argv += ["--reps", "1", "--steps", "2", "--modes", "eval", "frozen"]
+    argv += ["--precisions", "fp32", "--out", str(out)]
+    cells = gpu.main(argv)
+
+    assert [(c.mode, c.precision) for c in cells] == [("eval", "fp32"), ("frozen", "fp32")]
+    eval_cell, frozen = cells
+    assert frozen.flops == 3 * eval_cell.flops > 0  # a train step counts 3 forwards
+    for c in cells:
+        assert len(c.torch_s) == len(c.jax_s) == 1
+        assert c.torch_ips > 0 and c.jax_ips > 0 and c.tflops("jax") > 0
+        assert float(c.check.rsplit(" ", 1)[1]) < 1e-4, c.check  # the same computation
+    text = out.read_text()
+    assert "| resnet18 | 2 | frozen | fp32 |" in text
+    assert "not a measurement" in text  # a CPU run says it is only a check

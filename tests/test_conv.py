@@ -106,6 +106,29 @@ def test_xla_convolutions_split_the_batch_on_a_multi_core_cpu(monkeypatch, batch
     assert conv.batch_parts(batch) == 1
 
 
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_gpu_and_tpu_get_xla_convolutions_and_autodiff(monkeypatch, backend):
+    """Off the CPU every layer is one `lax.conv_general_dilated`, differentiated by XLA."""
+    monkeypatch.setattr(conv.jax, "default_backend", lambda: backend)
+    assert conv.batch_parts(4) == 1
+    rng = np.random.RandomState(0)
+    for size, cin, cout, k, stride, pad in CASES:
+        x = jnp.asarray(rng.randn(2, size, size, cin), jnp.float32)
+        w = jnp.asarray(rng.randn(k, k, cin, cout), jnp.float32)
+
+        def loss(a, b, f, s=stride, p=pad):
+            return jnp.sum(f(a, b, s, p) ** 2)
+
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda a, b: loss(a, b, _ours), (0, 1)))(x, w))
+        assert "custom_vjp" not in jaxpr and "dot_general" not in jaxpr, (size, cin, k)
+        assert jaxpr.count("conv_general_dilated") == 3, (size, cin, k)  # fwd, dX, dK
+        np.testing.assert_array_equal(_ours(x, w, stride, pad), _reference(x, w, stride, pad))
+        ours = jax.grad(lambda a, b: loss(a, b, _ours), (0, 1))(x, w)
+        ref = jax.grad(lambda a, b: loss(a, b, _reference), (0, 1))(x, w)
+        for a, b in zip(ours, ref, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 # name: (jtransfer function, torch.nn.MaxPool2d arguments, gradient atol)
 POOLS = {
     "2x2": ("max_pool_2x2", (2, 2), 0.0),

@@ -35,6 +35,11 @@ matrix-multiply path. They are the same sums in another order, so gradients
 differ from XLA's by rounding only (~1e-6 relative in float32; sums are float32
 or wider whatever the compute dtype). Configurations other than 2-D NHWC / HWIO
 without dilation or groups fall back to `lax.conv_general_dilated`.
+
+All of this is for XLA's CPU backend. On a GPU or TPU every convolution is
+`lax.conv_general_dilated` with XLA's own autodiff (cuDNN's kernels, and its
+bfloat16 tensor-core paths, beat matrix-product rewrites there); the backend is
+`jax.default_backend()` when the function is traced.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ def conv_general_dilated(
         and batch_group_count == 1
         and preferred_element_type is None
         and _is_nhwc(dimension_numbers, lhs.shape, rhs.shape)
+        and _on_cpu()
     )
     if plain and _few_input_channels(rhs):
         return _xla_conv(lhs, rhs, window_strides, padding, precision)
@@ -106,6 +112,10 @@ def conv_general_dilated(
             precision=precision,
         )
     return conv2d(lhs, rhs, tuple(int(s) for s in window_strides), pads, precision)
+
+
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
 
 
 def _is_nhwc(dimension_numbers: Any, lhs_shape, rhs_shape) -> bool:
@@ -173,7 +183,7 @@ _CPU_SPLIT = 2
 
 def batch_parts(n: int) -> int:
     """Parts an XLA convolution over a batch of `n` is split into (see `_xla_conv`)."""
-    multi_core = jax.default_backend() == "cpu" and (os.cpu_count() or 1) > 1
+    multi_core = _on_cpu() and (os.cpu_count() or 1) > 1
     return max(min(_CPU_SPLIT if multi_core else 1, n), 1)
 
 
