@@ -3,7 +3,12 @@
 One command (on a machine with a CUDA GPU that both torch and jax see):
 
     python benchmarks/gpu.py [--archs resnet50] [--batch 128 256] [--size 224]
-                             [--modes finetune eval] [--out benchmarks/RESULTS-gpu.md]
+                             [--modes finetune eval frozen] [--out benchmarks/RESULTS-gpu.md]
+
+(on a machine where jtransfer is not installed: `PYTHONPATH=. python3 benchmarks/gpu.py`).
+The default, ResNet-50 fine-tune steps at two batch sizes and two precisions,
+is four cells: each compiles on both sides (torch.compile takes about a minute)
+and then times 2 x reps x steps steps per side.
 
 For every architecture and batch size both frameworks get the same random images
 and the same weights (`bench.make_pair`: a torchvision model with random weights
@@ -37,7 +42,7 @@ the same run, the ceiling a real kernel reaches on that card.
 
 Memory: torch's ``torch.cuda.max_memory_allocated`` over the cell; jax's
 ``peak_bytes_in_use`` of the device, which jax cannot reset, so it is the
-process's peak so far (cells run eval before train steps, bf16 before fp32).
+process's peak so far (cells run in the order of `--modes`, each at bf16 then fp32).
 
 `--device cpu` runs the same code on the CPU (torch.compile through inductor's
 C++ backend, autocast on the CPU): for checking the script, not for numbers.
@@ -419,7 +424,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=DEFAULT_SIZE)
     p.add_argument("--reps", type=int, default=DEFAULT_REPS, help="timed calls per side")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="steps per timed call")
-    p.add_argument("--modes", nargs="+", default=["eval", "finetune"], choices=MODES)
+    p.add_argument(
+        "--modes", nargs="+", default=["finetune"], choices=MODES, help="default: finetune"
+    )
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS-gpu.md"))
@@ -447,18 +454,21 @@ def main(argv: Sequence[str] | None = None) -> list[Cell]:
     start = time.perf_counter()
     info = machine_info(args.device)
     print("machine:", "; ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
-    cells = [c for arch in args.archs for batch in args.batch for c in run_case(arch, batch, args)]
     cfg = {
         "command": " ".join(["python benchmarks/gpu.py", *(argv or sys.argv[1:])]),
         "size": args.size,
         "reps": args.reps,
         "steps": args.steps,
-        "wall_s": time.perf_counter() - start,
     }
-    text = markdown(cells, info, cfg)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    cells: list[Cell] = []
+    for arch in args.archs:
+        for batch in args.batch:
+            cells += run_case(arch, batch, args)
+            # The table so far after every case: a run cut short keeps what it measured.
+            text = markdown(cells, info, {**cfg, "wall_s": time.perf_counter() - start})
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(text)
     print()
     print(text)
     return cells

@@ -15,6 +15,10 @@ pytest.importorskip("torchvision")
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
+# The scripts' machinery (cells, ratios, tables), not the numbers: XLA's own
+# convolutions, which compile much faster (tests/conftest.py).
+XLA_CONVOLUTIONS = True
+
 
 @pytest.fixture(scope="module")
 def bench():

@@ -19,6 +19,10 @@ from jtransfer import checkpoint, data, partition, train
 from jtransfer.checkpoint import Checkpointer, CheckpointWarning
 from jtransfer.errors import CheckpointError
 
+# Training machinery, not convolution numerics: XLA's own convolutions, which
+# compile much faster (tests/conftest.py).
+XLA_CONVOLUTIONS = True
+
 # tensorstore may leave an asyncio callback behind when reading a damaged file fails.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 

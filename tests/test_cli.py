@@ -23,6 +23,10 @@ torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 from porting.parity import randomize_batchnorm  # noqa: E402
 
+# Training machinery, not convolution numerics: XLA's own convolutions, which
+# compile much faster (tests/conftest.py).
+XLA_CONVOLUTIONS = True
+
 # Tiny but real: 16 training images in 4 steps of 4, 8 test images, 32x32 crops.
 TRAIN_ARGS = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "4", "--epochs", "3"]
 TOTAL_STEPS = 12

@@ -106,10 +106,15 @@ def test_xla_convolutions_split_the_batch_on_a_multi_core_cpu(monkeypatch, batch
     assert conv.batch_parts(batch) == 1
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
-def test_gpu_and_tpu_get_xla_convolutions_and_autodiff(monkeypatch, backend):
-    """Off the CPU every layer is one `lax.conv_general_dilated`, differentiated by XLA."""
+@pytest.mark.parametrize(("backend", "mode"), [("gpu", None), ("tpu", None), ("cpu", "xla")])
+def test_gpu_tpu_and_jtransfer_conv_xla_get_xla_convolutions(monkeypatch, backend, mode):
+    """Off the CPU, or with JTRANSFER_CONV=xla, every layer is one
+    `lax.conv_general_dilated`, differentiated by XLA."""
     monkeypatch.setattr(conv.jax, "default_backend", lambda: backend)
+    if mode is None:
+        monkeypatch.delenv(conv.CONV_ENV, raising=False)
+    else:
+        monkeypatch.setenv(conv.CONV_ENV, mode)
     assert conv.batch_parts(4) == 1
     rng = np.random.RandomState(0)
     for size, cin, cout, k, stride, pad in CASES:
@@ -127,6 +132,17 @@ def test_gpu_and_tpu_get_xla_convolutions_and_autodiff(monkeypatch, backend):
         ref = jax.grad(lambda a, b: loss(a, b, _reference), (0, 1))(x, w)
         for a, b in zip(ours, ref, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_an_unknown_jtransfer_conv_value_says_which_are_known(monkeypatch):
+    from jtransfer.errors import ConfigError
+
+    monkeypatch.setenv(conv.CONV_ENV, "winograd")
+    x, w = jnp.zeros((1, 8, 8, 8)), jnp.zeros((3, 3, 8, 8))
+    with pytest.raises(ConfigError, match=r"JTRANSFER_CONV='winograd'.*auto.*xla"):
+        _ours(x, w, 1, 1)
+    monkeypatch.setenv(conv.CONV_ENV, " AUTO ")  # case and spaces do not matter
+    assert _custom_vjp_calls(8, 3, 1) == 1
 
 
 # name: (jtransfer function, torch.nn.MaxPool2d arguments, gradient atol)

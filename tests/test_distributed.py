@@ -23,6 +23,10 @@ import pytest
 from jtransfer import checkpoint, data, distributed
 from jtransfer.errors import ConfigError
 
+# Training machinery, not convolution numerics: XLA's own convolutions, which
+# compile much faster (tests/conftest.py).
+XLA_CONVOLUTIONS = True
+
 # 32 training images, global batch 8: 4 steps per epoch, 8 in all, checkpoints at steps 2
 # and 6 (mid-epoch) and 4 and 8 (epoch ends). The first three ResNet stages are frozen to keep
 # compilation short; layer4 and fc still train (SGD with momentum, BatchNorm statistics over

@@ -19,6 +19,10 @@ from jtransfer import data, features, heads, partition, train
 from jtransfer.errors import ConfigError
 from jtransfer.models import vgg
 
+# Training machinery, not convolution numerics: XLA's own convolutions, which
+# compile much faster (tests/conftest.py).
+XLA_CONVOLUTIONS = True
+
 SIZE = 32  # model input; the generated images are 64 px
 BATCH = 3
 EMBED = dict(arch="resnet18", image_size=SIZE, batch_size=16)

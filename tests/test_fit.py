@@ -14,6 +14,10 @@ import jtransfer as jt
 from jtransfer import data, fit, partition
 from jtransfer.errors import ConfigError, NonFiniteLossError
 
+# Training machinery, not convolution numerics: XLA's own convolutions, which
+# compile much faster (tests/conftest.py).
+XLA_CONVOLUTIONS = True
+
 SIZE = 32  # pixels: ResNet-18 runs at any size, and the compiled step stays cheap on 2 cores
 BATCH = 8
 ARCH = "resnet18"

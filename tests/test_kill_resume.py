@@ -34,6 +34,10 @@ from cli_subprocess import (
 
 from jtransfer import checkpoint, data
 
+# Training machinery, not convolution numerics: XLA's own convolutions, which
+# compile much faster (tests/conftest.py).
+XLA_CONVOLUTIONS = True
+
 # tensorstore may leave an asyncio callback behind when reading a checkpoint.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 

@@ -15,6 +15,10 @@ import jtransfer as jt
 from jtransfer import data, lr_find, partition, train
 from jtransfer.errors import ConfigError
 
+# Training machinery, not convolution numerics: XLA's own convolutions, which
+# compile much faster (tests/conftest.py).
+XLA_CONVOLUTIONS = True
+
 SIZE, BATCH = 32, 8
 ARCH = "resnet18"
 

@@ -14,6 +14,10 @@ from jtransfer import data
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
+# The recipes' plumbing, not convolution numerics: XLA's own convolutions, which
+# compile much faster (tests/conftest.py).
+XLA_CONVOLUTIONS = True
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 

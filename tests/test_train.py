@@ -23,6 +23,16 @@ ARCH = "resnet18"
 SIZE = 32
 N = 4
 
+# The train step's semantics, not convolution numerics: XLA's own convolutions,
+# which compile much faster (tests/conftest.py). The two tests that count
+# jtransfer's own convolution products turn them back on (`_jtransfer_convolutions`).
+XLA_CONVOLUTIONS = True
+
+
+@pytest.fixture
+def _jtransfer_convolutions(monkeypatch):
+    monkeypatch.delenv(conv.CONV_ENV, raising=False)
+
 
 def randomized_variables(model, seed: int = 0):
     """Random weights, BatchNorm affine and statistics; no zeros (defaults hide bugs).
@@ -156,6 +166,7 @@ def heavy_ops(hlo: str) -> int:
     return hlo.count("stablehlo.convolution") + hlo.count("stablehlo.dot_general")
 
 
+@pytest.mark.usefixtures("_jtransfer_convolutions")
 def test_static_freezing_removes_the_backward_convolutions(model, variables, batch):
     tx = optax.sgd(1e-3)
     state = train.create_train_state(model, variables, tx)
@@ -447,6 +458,7 @@ def test_data_parallel_matches_one_device_exactly_in_float64():
             assert err <= (loss_bound if quantity == "loss" else 1e-10), (i + 1, quantity, steps)
 
 
+@pytest.mark.usefixtures("_jtransfer_convolutions")
 def test_frozen_params_drop_the_frozen_layers_gradient_work_and_change_nothing(
     model, variables, batch
 ):

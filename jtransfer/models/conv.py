@@ -40,6 +40,12 @@ All of this is for XLA's CPU backend. On a GPU or TPU every convolution is
 `lax.conv_general_dilated` with XLA's own autodiff (cuDNN's kernels, and its
 bfloat16 tensor-core paths, beat matrix-product rewrites there); the backend is
 `jax.default_backend()` when the function is traced.
+
+`JTRANSFER_CONV=xla` in the environment (read when a function is traced) makes
+every convolution XLA's own on the CPU too. The Winograd and per-tap forms are
+many small operations that XLA compiles one by one: a jitted VGG-16-BN forward
+compiled in 7.0 s with them and 0.3 s without (ResNet-18: 4.7 s and 0.3 s), so
+for short runs and debugging the compile saved can outweigh the slower steps.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jtransfer.errors import ConfigError
 from jtransfer.models import winograd
 
 Array = jax.Array
@@ -114,8 +121,20 @@ def conv_general_dilated(
     return conv2d(lhs, rhs, tuple(int(s) for s in window_strides), pads, precision)
 
 
+CONV_ENV = "JTRANSFER_CONV"
+_CONV_MODES = ("auto", "xla")
+
+
 def _on_cpu() -> bool:
-    return jax.default_backend() == "cpu"
+    """This module's CPU forms apply: XLA's CPU backend, and `JTRANSFER_CONV` is not "xla"."""
+    mode = os.environ.get(CONV_ENV, "auto").strip().lower() or "auto"
+    if mode not in _CONV_MODES:
+        raise ConfigError(
+            f"{CONV_ENV}={os.environ[CONV_ENV]!r} is not one of {', '.join(_CONV_MODES)}: "
+            "unset it (auto: the fastest steps) or set it to xla (XLA's own convolutions: "
+            "faster compiles, slower steps on the CPU)"
+        )
+    return mode == "auto" and jax.default_backend() == "cpu"
 
 
 def _is_nhwc(dimension_numbers: Any, lhs_shape, rhs_shape) -> bool:
@@ -170,14 +189,18 @@ def _forward(x: Array, kernel: Array, strides, padding, precision) -> Array:
     return _xla_conv(x, kernel, strides, padding, precision)
 
 
-# XLA:CPU runs one convolution on one thread (YNNPACK), and the net's 7x7 stem
-# and stride-2 3x3 layers had nothing to run beside them: on the 2-core EPYC the
+# XLA:CPU runs some convolutions on one thread (YNNPACK): on the 2-core EPYC the
 # stem's forward (12 ms) and kernel gradient (15 ms) of a ResNet-18 step (b16,
-# 112 px) ran with the other core idle. As two half-batch convolutions they run
-# side by side; the kernel gradient splits with them. Alternating A/B runs, two
-# cores: ResNet-18 eval x1.03, fine-tune x1.02; ResNet-50 eval x1.04, fine-tune
-# x1.00. Each image's output is computed as before (eval logits bit-identical);
-# the kernel gradient is summed in two parts (rounding only).
+# 112 px) ran with the other core idle. As two half-batch convolutions XLA can
+# overlap them with each other and with neighbouring work; the kernel gradient
+# splits with them. How much they overlap depends on the program around them: in
+# a trace of ResNet-18 eval the stem's halves (5 ms each) overlapped for 2 ms, and
+# jitted alone they ran one after the other (13 vs 11 ms unsplit). Whole
+# networks, alternating A/B runs, two cores: ResNet-18 eval x1.03, fine-tune
+# x1.02; ResNet-50 eval x1.04, fine-tune x1.00 (a later 40-rep rerun of
+# ResNet-18 eval: x1.04 at batch 16, x1.03 at 32). Each image's output is computed
+# as before (eval logits bit-identical); the kernel gradient is summed in two
+# parts (rounding only).
 _CPU_SPLIT = 2
 
 
