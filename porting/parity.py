@@ -142,13 +142,16 @@ def measure(
     batch: int = 2,
     seed: int = 0,
     *,
+    train_size: int | None = None,
     net: torch.nn.Module | None = None,
     variables=None,
 ) -> ArchParity:
     """Worst relative errors of jtransfer vs torchvision for one architecture.
 
-    `net` (default `torch_model(arch, seed)`) and `variables` (default: `net`
-    ported by `from_torchvision`) can be passed in by a caller that needs them too.
+    Eval mode runs at every size in `sizes`, train mode at `train_size` (default:
+    the last of `sizes`). `net` (default `torch_model(arch, seed)`) and `variables`
+    (default: `net` ported by `from_torchvision`) can be passed in by a caller
+    that needs them too.
     """
     t0 = time.perf_counter()
     net = torch_model(arch, seed) if net is None else net
@@ -165,7 +168,8 @@ def measure(
                 ev_logits = max(ev_logits, e)
             else:
                 ev_feats = max(ev_feats, e)
-    tr = train_mode(net, arch, variables, sizes[-1], max(batch, 2), seed)
+    size = sizes[-1] if train_size is None else train_size
+    tr = train_mode(net, arch, variables, size, max(batch, 2), seed)
     return ArchParity(arch, ev_logits, ev_feats, **tr, seconds=time.perf_counter() - t0)
 
 

@@ -1,8 +1,15 @@
 """jtransfer computes what torchvision computes, for every registered architecture.
 
 Random weights AND randomised BatchNorm statistics (the defaults 0/1 hide
-conversion bugs), batch 2, 224 px and an odd 97 px (exercises VGG's adaptive
-pool with overlapping bins), eval and train mode, logits and stage features.
+conversion bugs), batch 2; eval mode at 224 px (logits and every stage's
+features), train mode at an odd 97 px (logits and every BatchNorm's updated
+running statistics, which are computed from every layer's input; 97 px exercises
+VGG's adaptive pool with overlapping bins and ResNet's odd stride-2 sizes).
+
+Eval at 97 px as well (`python -m porting.parity` runs it, README table) adds
+no code path to these two: running-statistics BatchNorm, pooling and padding
+are the same in both modes, and VGG's dropout is off for parity. It did add a
+third compilation per architecture, a third of this file's time.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ def measured(arch):
     net = parity.torch_model(arch)
     variables = porting.from_torchvision(net.state_dict(), arch)
     sd = {k: v.clone() for k, v in net.state_dict().items()}
-    r = parity.measure(arch, sizes=(224, 97), batch=2, net=net, variables=variables)
+    r = parity.measure(arch, sizes=(224,), train_size=97, batch=2, net=net, variables=variables)
     return r, (net, sd, porting.to_torchvision(variables, arch))
 
 
