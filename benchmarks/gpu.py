@@ -170,38 +170,14 @@ class _Plain:
 
 
 @dataclasses.dataclass
-class Cell:
-    """One (arch, batch, mode, precision): seconds per step of both frameworks."""
+class Cell(_load_bench().Result):
+    """`bench.Result` for one (arch, batch, mode, precision), seconds per step.
 
-    arch: str
-    batch: int
-    mode: str
-    precision: str
-    torch_s: list[float]
-    jax_s: list[float]
-    torch_first_s: float
-    jax_first_s: float
-    flops: float  # model FLOPs per step
-    torch_mem: int
-    jax_mem: int
-    check: str
+    Its medians, `ratio` and `paired` are bench's; `size` is the image side.
+    """
 
-    @property
-    def torch_ips(self) -> float:
-        return self.batch / statistics.median(self.torch_s)
-
-    @property
-    def jax_ips(self) -> float:
-        return self.batch / statistics.median(self.jax_s)
-
-    @property
-    def ratio(self) -> float:
-        return self.jax_ips / self.torch_ips
-
-    @property
-    def paired(self) -> tuple[float, float]:
-        r = [t / j for t, j in zip(self.torch_s, self.jax_s, strict=True)]
-        return min(r), max(r)
+    precision: str = "fp32"
+    flops: float = 0.0  # model FLOPs per step
 
     def tflops(self, side: str) -> float:
         return self.flops / statistics.median(getattr(self, f"{side}_s")) / 1e12
@@ -339,18 +315,19 @@ def run_case(
             flops = fwd * (1 if mode == "eval" else 3)
             check = bench._agreement(mode, arch, first["t"], first["j"])
             cell = Cell(
-                arch,
-                batch,
-                mode,
-                precision,
-                [t / args.steps for t in ts],
-                [j / args.steps for j in js],
-                tf,
-                jf,
-                flops,
-                torch.cuda.max_memory_allocated() if args.device == "cuda" else 0,
-                _jax_peak_bytes() if args.device == "cuda" else 0,
-                check,
+                arch=arch,
+                batch=batch,
+                size=args.size,
+                mode=mode,
+                torch_s=[t / args.steps for t in ts],
+                jax_s=[j / args.steps for j in js],
+                torch_first_s=tf,
+                jax_first_s=jf,
+                torch_mem=torch.cuda.max_memory_allocated() if args.device == "cuda" else 0,
+                jax_mem=_jax_peak_bytes() if args.device == "cuda" else 0,
+                check=check,
+                precision=precision,
+                flops=flops,
             )
             cells.append(cell)
             log(
