@@ -9,13 +9,15 @@ the computation, versions, flags and devices). JTRANSFER_COMPILE_CACHE set
 before pytest starts is used (and kept) instead; set it to "off" to compile
 everything afresh.
 
-Convolutions: modules that test training machinery rather than the numerics
-(checkpoints, resuming, the command line, several processes, ...) set
-`XLA_CONVOLUTIONS = True` and run with `JTRANSFER_CONV=xla`: XLA's own
-convolutions, which compile 10-25x faster than jtransfer's CPU forms
-(`jtransfer.models.conv`); 4 such files ran in 160 s instead of 252 s. Every
-other module runs the default forms (the variable is removed for it), and the
-parity, training-parity, model, convolution and end-to-end tests are among those.
+Convolutions: modules that test training machinery rather than convolution
+numerics (checkpoints, resuming, the command line, several processes, the train
+step's semantics, the benchmark scripts, ...) set `XLA_CONVOLUTIONS = True` and
+run with `JTRANSFER_CONV=xla`: XLA's own convolutions, which compile 10-25x
+faster than jtransfer's CPU forms (`jtransfer.models.conv`). Every other module
+runs the default forms (the variable is removed for it): the parity,
+training-parity, float64 recipe (not its wrong-recipe checks), model, convolution,
+Winograd and hot-dog end-to-end tests. With this, the order below and
+test_parity's two sizes the suite went from 17:53 to 13:18 on the 2-core machine.
 
 Order: the longest files are collected first, so that `-n 2 --dist loadfile`
 hands them out first and the short ones fill in around them (`_FIRST`).

@@ -90,7 +90,7 @@ def conv_general_dilated(
         and batch_group_count == 1
         and preferred_element_type is None
         and _is_nhwc(dimension_numbers, lhs.shape, rhs.shape)
-        and _on_cpu()
+        and _cpu_forms()
     )
     if plain and _few_input_channels(rhs):
         return _xla_conv(lhs, rhs, window_strides, padding, precision)
@@ -125,7 +125,7 @@ CONV_ENV = "JTRANSFER_CONV"
 _CONV_MODES = ("auto", "xla")
 
 
-def _on_cpu() -> bool:
+def _cpu_forms() -> bool:
     """This module's CPU forms apply: XLA's CPU backend, and `JTRANSFER_CONV` is not "xla"."""
     mode = os.environ.get(CONV_ENV, "auto").strip().lower() or "auto"
     if mode not in _CONV_MODES:
@@ -206,7 +206,7 @@ _CPU_SPLIT = 2
 
 def batch_parts(n: int) -> int:
     """Parts an XLA convolution over a batch of `n` is split into (see `_xla_conv`)."""
-    multi_core = _on_cpu() and (os.cpu_count() or 1) > 1
+    multi_core = _cpu_forms() and (os.cpu_count() or 1) > 1
     return max(min(_CPU_SPLIT if multi_core else 1, n), 1)
 
 
