@@ -7,8 +7,9 @@ One command (on a machine with a CUDA GPU that both torch and jax see):
 
 (on a machine where jtransfer is not installed: `PYTHONPATH=. python3 benchmarks/gpu.py`).
 The default, ResNet-50 fine-tune steps at two batch sizes and two precisions,
-is four cells: each compiles on both sides (torch.compile takes about a minute)
-and then times 2 x reps x steps steps per side.
+is four cells: each compiles on both sides and then times 2 x reps x steps
+steps per side (torch.compile of a ResNet-18 train step took about a minute on
+the 2-core CPU; its time on a GPU is not measured yet).
 
 For every architecture and batch size both frameworks get the same random images
 and the same weights (`bench.make_pair`: a torchvision model with random weights
@@ -33,12 +34,13 @@ alternate call by call after warm-up (`bench.alternate`), and the table gives
 medians per step and ``jt/torch`` (> 1: jtransfer faster).
 
 TFLOP/s counts model FLOPs: 2 x multiply-adds of every convolution and linear
-layer of the forward pass (forward hooks on the torch net), x3 for a training
-step (forward, input gradient, weight gradient), x1 for eval; the frozen step
-is counted as a training step. ``% peak`` divides by the card's dense bfloat16
-peak from NVIDIA's datasheets (`BF16_PEAK_TFLOPS`, matched on the device name),
-and the header also gives a bfloat16 8192^3 matrix product measured by torch in
-the same run, the ceiling a real kernel reaches on that card.
+layer of the forward pass (forward hooks on the torch net), x3 for a fine-tune
+step (forward, input gradient, weight gradient), x1 for eval and for the
+frozen step (its backward covers the head alone, which is not counted).
+``% peak`` divides by the card's dense bfloat16 peak from NVIDIA's datasheets
+(`BF16_PEAK_TFLOPS`, matched on the device name), and the header also gives a
+bfloat16 8192^3 matrix product measured by torch in the same run, the ceiling a
+real kernel reaches on that card.
 
 Memory: torch's ``torch.cuda.max_memory_allocated`` over the cell; jax's
 ``peak_bytes_in_use`` of the device, which jax cannot reset, so it is the
@@ -312,7 +314,7 @@ def run_case(
                 first["t"], first["j"] = t_val(), j_val()
 
             ts, js, tf, jf, _, _ = bench.alternate(t_fn, j_fn, args.reps, _Plain(), compare)
-            flops = fwd * (1 if mode == "eval" else 3)
+            flops = fwd * (3 if mode == "finetune" else 1)
             check = bench._agreement(mode, arch, first["t"], first["j"])
             cell = Cell(
                 arch=arch,
@@ -372,7 +374,7 @@ def markdown(cells: Sequence[Cell], info: dict[str, str], cfg: dict[str, Any]) -
         "compile), alternating. Per-step medians. `bf16`: torch.compile + autocast(bf16) + "
         "channels_last vs jtransfer `compute_dtype=bfloat16`; `fp32`: torch eager float32 vs "
         "jtransfer float32. TFLOP/s = model FLOPs (2 x conv/linear multiply-adds, x3 for "
-        "a train step) / median step time; % peak against the dense bf16 peak above. "
+        "a fine-tune step) / median step time; % peak against the dense bf16 peak above. "
         "Memory: torch max allocated in the cell; jax device peak so far in the process.",
         "",
         "| arch | batch | step | precision | torch img/s | jtransfer img/s | jt/torch | "

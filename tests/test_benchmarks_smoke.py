@@ -105,17 +105,23 @@ def test_gpu_script_runs_its_cells_on_the_cpu(gpu, tmp_path, torch_threads):
     """`--device cpu`, float32 (torch.compile is not exercised here: minutes on 2 cores)."""
     out = tmp_path / "RESULTS-gpu.md"
     argv = ["--device", "cpu", "--archs", "resnet18", "--batch", "2", "--size", "32"]
-    argv += ["--reps", "1", "--steps", "2", "--modes", "eval", "frozen"]
+    argv += ["--reps", "1", "--steps", "2", "--modes", "eval", "finetune", "frozen"]
     argv += ["--precisions", "fp32", "--out", str(out)]
     cells = gpu.main(argv)
 
-    assert [(c.mode, c.precision) for c in cells] == [("eval", "fp32"), ("frozen", "fp32")]
-    eval_cell, frozen = cells
-    assert frozen.flops == 3 * eval_cell.flops > 0  # a train step counts 3 forwards
+    modes = [(c.mode, c.precision) for c in cells]
+    assert modes == [("eval", "fp32"), ("finetune", "fp32"), ("frozen", "fp32")]
+    eval_cell, finetune, frozen = cells
+    assert finetune.flops == 3 * eval_cell.flops > 0  # forward, input and weight gradients
+    assert frozen.flops == eval_cell.flops  # the backbone's backward is not run
     for c in cells:
         assert len(c.torch_s) == len(c.jax_s) == 1
         assert c.torch_ips > 0 and c.jax_ips > 0 and c.tflops("jax") > 0
-        assert float(c.check.rsplit(" ", 1)[1]) < 1e-4, c.check  # the same computation
+    # The same computation on both sides (a 32 px, batch-2 fine-tune step's first
+    # loss is looser, 1.9e-4 measured: train-mode BatchNorm over 2 images at 1x1 in
+    # layer4 amplifies rounding).
+    for c, bound in zip(cells, (1e-4, 1e-3, 1e-4), strict=True):
+        assert float(c.check.rsplit(" ", 1)[1]) < bound, c.check
     text = out.read_text()
     assert "| resnet18 | 2 | frozen | fp32 |" in text
     assert "not a measurement" in text  # a CPU run says it is only a check
