@@ -321,11 +321,17 @@ def torch_step(pair: Pair, mode: str) -> tuple[Callable[[], Any], Callable[[], f
     return run_train, lambda: float(out["loss"])
 
 
-def _torch_trainer(pair: Pair, mode: str) -> tuple[Any, Any]:
-    """(net, optimizer) for a `finetune` or `frozen` step, on a private copy of the net."""
+def _torch_trainer(pair: Pair, mode: str, **to: Any) -> tuple[Any, Any]:
+    """(net, optimizer) for a `finetune` or `frozen` step, on a private copy of the net.
+
+    `to`: `Module.to` arguments (device, memory_format) applied before the
+    optimizer is built, as torch advises.
+    """
     import torch
 
     net = copy.deepcopy(pair.net).train()
+    if to:
+        net = net.to(**to)
     head = _head_name(pair.arch)
     named = dict(net.named_parameters())
     head_params = [p for n, p in named.items() if n.startswith(head + ".")]
@@ -436,8 +442,11 @@ def jax_step(
     return run_train, lambda: float(holder["metrics"]["loss"])
 
 
-def _jax_trainer(pair: Pair, mode: str, donate: bool = True) -> tuple[Callable, Any]:
-    """(train step, initial state) for a `finetune` or `frozen` step."""
+def _jax_trainer(
+    pair: Pair, mode: str, donate: bool = True, compute_dtype: Any = None
+) -> tuple[Callable, Any]:
+    """(train step, initial state) for a `finetune` or `frozen` step (`compute_dtype`:
+    as for `train.make_train_step`)."""
     from jtransfer import partition, train
 
     if mode == "finetune":
@@ -448,7 +457,12 @@ def _jax_trainer(pair: Pair, mode: str, donate: bool = True) -> tuple[Callable, 
     params = pair.variables["params"]
     tx = partition.make_optimizer(params, rules, learning_rate=LR, weight_decay=WEIGHT_DECAY)
     step = train.make_train_step(
-        pair.model, tx, loss_reduction="sum", frozen_stages=frozen, donate=donate
+        pair.model,
+        tx,
+        loss_reduction="sum",
+        frozen_stages=frozen,
+        donate=donate,
+        compute_dtype=compute_dtype,
     )
     return step, train.create_train_state(pair.model, pair.variables, tx)
 
@@ -645,6 +659,13 @@ def markdown(results: Sequence[Result], info: dict[str, str], cfg: dict[str, Any
     return "\n".join(lines)
 
 
+def write_table(out: Path | None, text: str) -> None:
+    """Writes a results table to `out` (its folder created); None writes nothing."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+
+
 def _threads(text: str) -> int | str | None:
     if text in ("auto", "default"):
         return None if text == "default" else text
@@ -742,9 +763,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
         "torch_threads": args.torch_threads,
     }
     text = markdown(results, info, cfg)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    write_table(args.out, text)
     print()
     print(text)
     return results

@@ -202,7 +202,7 @@ def torch_side(
 
     out: dict[str, Any] = {}
     if mode == "eval":
-        net = copy.deepcopy(pair.net).to(device).eval().to(memory_format=layout)
+        net = copy.deepcopy(pair.net).to(device=device, memory_format=layout).eval()
         fn = torch.compile(net) if fast else net
 
         def run_eval():
@@ -213,14 +213,7 @@ def torch_side(
 
         return run_eval, lambda: out["v"].float().cpu().numpy()
 
-    net, opt = bench._torch_trainer(pair, mode)
-    net = net.to(device).to(memory_format=layout)
-    # The optimizer was built on the CPU copy's parameters: rebuild it on the moved ones.
-    groups = [
-        {**{k: v for k, v in g.items() if k != "params"}, "params": list(g["params"])}
-        for g in opt.param_groups
-    ]
-    opt = torch.optim.SGD(groups, lr=bench.LR, weight_decay=bench.WEIGHT_DECAY)
+    net, opt = bench._torch_trainer(pair, mode, device=device, memory_format=layout)
     fn = torch.compile(net) if fast else net
 
     def run_train():
@@ -244,8 +237,6 @@ def jax_side(
     import jax
     import jax.numpy as jnp
 
-    from jtransfer import partition, train
-
     dtype = jnp.bfloat16 if precision == "bf16" else None
     out: dict[str, Any] = {}
     if mode == "eval":
@@ -259,19 +250,8 @@ def jax_side(
 
         return run_eval, lambda: jax.device_get(out["v"]).astype("float32")
 
-    if mode == "finetune":
-        rules, frozen = partition.finetune(pair.arch, bench.HEAD_MULT), 0
-    else:
-        rules = partition.preset(pair.arch, "head")
-        frozen = partition.frozen_prefix(pair.arch, rules)
-    params = pair.variables["params"]
-    tx = partition.make_optimizer(
-        params, rules, learning_rate=bench.LR, weight_decay=bench.WEIGHT_DECAY
-    )
-    step = train.make_train_step(
-        pair.model, tx, loss_reduction="sum", frozen_stages=frozen, compute_dtype=dtype
-    )
-    holder = {"state": train.create_train_state(pair.model, pair.variables, tx)}
+    step, state = bench._jax_trainer(pair, mode, donate=True, compute_dtype=dtype)
+    holder = {"state": state}
 
     def run_train():
         state = holder["state"]
@@ -445,9 +425,7 @@ def main(argv: Sequence[str] | None = None) -> list[Cell]:
             cells += run_case(arch, batch, args)
             # The table so far after every case: a run cut short keeps what it measured.
             text = markdown(cells, info, {**cfg, "wall_s": time.perf_counter() - start})
-            if args.out:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(text)
+            _load_bench().write_table(args.out, text)
     print()
     print(text)
     return cells

@@ -19,8 +19,8 @@ direct convolution by rounding only.
 Layers with fewer than 8 input channels (the RGB input layer: ResNet's 7x7/2
 stem, VGG's first 3x3) are left to XLA's own convolution and autodiff, faster
 there both ways (see `_NATIVE_BELOW_CHANNELS`). On a multi-core CPU, XLA's own
-convolutions run as two half-batch ones, which XLA runs side by side (see
-`_xla_conv`).
+convolutions run as two half-batch ones, which XLA can overlap with each other
+and with neighbouring work (see `_xla_conv`).
 
 Every other forward pass is XLA's own convolution, except that a 1x1
 convolution is the matrix product it stands for (3-4x faster on XLA:CPU; on
