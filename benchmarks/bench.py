@@ -8,10 +8,15 @@ One command:
 For every architecture and batch size both frameworks get the same random
 images and the same weights (a torchvision model with random weights and
 randomised BatchNorm statistics, ported with `porting.from_torchvision`), and
-run four kinds of step:
+run five kinds of step:
 
 * ``eval``: torch ``net.eval()`` under ``torch.inference_mode()`` vs the jitted
-  ``model.apply(variables, x, train=False)``;
+  ``model.apply(prepared, x, train=False)`` with ``prepared =
+  jt.models.prepare_inference(model, variables)``, made once before timing (the
+  Winograd kernel transforms, computed once as `fit.evaluate`, `fit.predict`,
+  `features.extract` and the CLI's predict do);
+* ``apply``: the same torch step vs the jitted ``model.apply(variables, x,
+  train=False)`` on the variables as they are (the kernel transforms in every call);
 * ``finetune``: one full SGD step on the summed cross-entropy (d2l's recipe:
   lr 5e-5, head x10, weight decay 1e-3, BatchNorm in training mode) -- torch
   ``net.train()`` + ``torch.optim.SGD`` param groups vs
@@ -66,7 +71,7 @@ DEFAULT_ARCHS = ("resnet18", "resnet50", "vgg16_bn")
 DEFAULT_BATCHES = (16, 32)
 DEFAULT_SIZE = 112
 DEFAULT_REPS = 3
-MODES = ("eval", "finetune", "frozen", "epoch")
+MODES = ("eval", "apply", "finetune", "frozen", "epoch")
 # The end-to-end epoch (data + train) is d2l's hot-dog recipe, a ResNet-18 one.
 EPOCH_ARCHS = ("resnet18",)
 EPOCH_BATCHES_PER_EPOCH = 8  # images per epoch = 8 x batch
@@ -298,7 +303,7 @@ def torch_step(pair: Pair, mode: str) -> tuple[Callable[[], Any], Callable[[], f
     import torch
     import torch.nn.functional as F
 
-    if mode == "eval":
+    if mode in ("eval", "apply"):
         net = pair.net.eval()
         out = {}
 
@@ -422,8 +427,12 @@ def jax_step(
     """
     import jax
 
+    import jtransfer as jt
+
     model, variables, batch = pair.model, pair.variables, pair.batch
-    if mode == "eval":
+    if mode in ("eval", "apply"):
+        if mode == "eval":
+            variables = jax.block_until_ready(jt.models.prepare_inference(model, variables))
         apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
         out = {}
 
@@ -470,7 +479,7 @@ def _jax_trainer(
 def _agreement(mode: str, arch: str, t_val, j_val) -> str:
     import numpy as np
 
-    if mode == "eval":
+    if mode in ("eval", "apply"):
         t, j = np.asarray(t_val, np.float64), np.asarray(j_val, np.float64)
         return f"logits rel err {np.abs(t - j).max() / max(np.abs(t).max(), 1e-30):.1e}"
     if arch.startswith("vgg"):  # dropout draws differ between the frameworks
@@ -640,7 +649,10 @@ def markdown(results: Sequence[Result], info: dict[str, str], cfg: dict[str, Any
         ]
     lines += [
         "",
-        "Steps: eval = `net.eval()` + `torch.inference_mode()` vs jitted `model.apply`; "
+        "Steps: eval = `net.eval()` + `torch.inference_mode()` vs jitted `model.apply` on "
+        "`models.prepare_inference` variables (Winograd kernel transforms made once, as "
+        "jtransfer's evaluate/predict/extract do); apply = the same vs `model.apply` on the "
+        "plain variables (transforms in every call); "
         "finetune = full SGD step, summed CE, BN in train mode, head lr x10, wd 1e-3 "
         "(`partition.finetune` + `train.make_train_step`); frozen = head only, backbone "
         "frozen (torch: `requires_grad=False` + backbone `eval()`; jax: "

@@ -1018,12 +1018,13 @@ def _predict(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import jax
     import numpy as np
 
-    from jtransfer import checkpoint, data
+    from jtransfer import checkpoint, data, models
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
     paths = _image_paths(args.images)
     model, variables, meta = checkpoint.load_for_inference(args.checkpoint, _which(args.which))
+    variables = models.prepare_inference(model, variables)  # kernel transforms once
     classes = meta.get("classes") or [str(i) for i in range(meta["num_classes"])]
     crop = meta.get("image_size", 224)
     resize = tuple(meta.get("resize_size", (256, 256)))

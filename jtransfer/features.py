@@ -49,7 +49,7 @@ import optax
 from flax import linen as nn
 from flax import traverse_util
 
-from jtransfer import heads, partition
+from jtransfer import heads, models, partition
 from jtransfer.errors import ConfigError, DataError
 from jtransfer.models.layers import head_init
 
@@ -230,6 +230,7 @@ def extract(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     wanted = _resolve(model, stages)
     keys = tuple(dict.fromkeys(k for _, k in wanted))
+    variables = models.prepare_inference(model, variables)  # kernel transforms once, not per batch
     pieces: dict[str, list[jax.Array]] = {k: [] for k in keys}
     size = None
     for batch in _batches(images, batch_size):

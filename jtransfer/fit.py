@@ -267,6 +267,14 @@ def _model_variables(variables: Mapping[str, Any] | train.TrainState) -> dict[st
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
+def _for_inference(model: nn.Module, compute_dtype: Any, variables: dict[str, Any]) -> dict:
+    """`variables` with the Winograd kernel transforms done once for a whole evaluation
+    (`models.prepare_inference`), for the model `_make_logits_fn` runs."""
+    if compute_dtype is not None:
+        model = model.clone(dtype=compute_dtype)
+    return models.prepare_inference(model, variables)
+
+
 def _make_logits_fn(model: nn.Module, mesh: Mesh, compute_dtype: Any):
     """jit `(variables, images) -> float32 logits`, BatchNorm on running statistics."""
     return _cached_logits_fn(model, tuple(mesh.devices.flat), mesh.axis_names, compute_dtype)
@@ -347,6 +355,7 @@ def evaluate(
     """
     mesh = mesh or train.data_parallel_mesh()
     on_devices = train.replicate(_model_variables(variables), mesh)
+    on_devices = _for_inference(model, compute_dtype, on_devices)
     return _run_eval(_make_logits_fn(model, mesh, compute_dtype), on_devices, loader, mesh)
 
 
@@ -382,6 +391,7 @@ def predict(
         raise ConfigError(f"images must be (N, H, W, 3) or (H, W, 3), got shape {x.shape}")
     mesh = mesh or train.data_parallel_mesh()
     on_devices = jax.device_put(_model_variables(variables), _replicated(mesh))
+    on_devices = _for_inference(model, compute_dtype, on_devices)
     logits_fn = _make_logits_fn(model, mesh, compute_dtype)
     # Batches padded to a power of two (at most batch_size): few shapes, few compilations.
     size = min(batch_size, 1 << (len(x) - 1).bit_length())
@@ -780,7 +790,8 @@ def fit(
             step, compiled = run.steps, run.compiled
             test = None
             if test_loader is not None:
-                test = _run_eval(logits_fn, _model_variables(state), test_loader, mesh)
+                prepared = _for_inference(model, compute_dtype, _model_variables(state))
+                test = _run_eval(logits_fn, prepared, test_loader, mesh)
             entry = run.history_entry(epoch, test, time.perf_counter() - t_epoch)
             history.append(entry)
             if log is not None and jax.process_index() == 0:

@@ -9,14 +9,16 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from jtransfer.errors import ConfigError
-from jtransfer.models import resnet, vgg
+from jtransfer.models import conv, resnet, vgg
 from jtransfer.models.layers import BatchNorm, adaptive_avg_pool2d
 
 
@@ -77,6 +79,59 @@ def init(model: nn.Module, rng, image_size: int = 224):
     return jax.jit(model.init)(rng, x)
 
 
+def prepare_inference(model: nn.Module, variables: dict[str, Any]) -> dict[str, Any]:
+    """`variables` plus the Winograd transforms of its 3x3 kernels, for faster inference.
+
+    On the CPU, every 3x3 stride-1 layer convolves by Winograd's F(2x2, 3x3)
+    (`jtransfer.models.winograd`), whose kernel transform a jitted forward
+    recomputes on every call: 13 of ResNet-18's 80 ms eval at batch 16, 112 px,
+    on a 2-core AMD EPYC. The returned variables carry those transforms (the
+    `"winograd"` collection), computed once, and `model.apply` with them skips
+    that work; the logits are the same bits. Prepare again whenever the
+    parameters change: the transforms are not checked against them.
+
+    The prepared variables are for inference (`train=False`, feature
+    extraction): differentiating through them raises a ConfigError, since no
+    gradient would reach the kernels. Off the CPU, in bfloat16, or with
+    `JTRANSFER_CONV=xla` no layer uses Winograd and `variables` comes back as
+    it is.
+
+    Args:
+        model: a module from `create`.
+        variables: its {"params", "batch_stats"} (a previous preparation is replaced).
+
+    Returns:
+        A new dict: `variables`' collections and, where any layer uses Winograd,
+        "winograd" (16 x Cin x Cout per layer: about 1.8x the 3x3 kernels' memory).
+
+    Example:
+        >>> model = create("resnet18", num_classes=2)
+        >>> variables = random_variables(model, image_size=32)
+        >>> prepared = prepare_inference(model, variables)
+        >>> x = jnp.zeros((2, 32, 32, 3))
+        >>> bool((model.apply(prepared, x) == model.apply(variables, x)).all())
+        True
+    """
+    plain = {k: v for k, v in variables.items() if k != conv.PREPARED}
+    # Which layers run by Winograd depends on the backend and JTRANSFER_CONV, read when
+    # the function is traced: one jitted function per setting.
+    prepared = _transforms(model, conv._cpu_forms())(plain)
+    return {**plain, **prepared} if prepared else plain
+
+
+@functools.lru_cache(maxsize=16)
+def _transforms(model: nn.Module, cpu_forms: bool):
+    # Applying the model with the collection mutable records every Winograd
+    # layer's transform; the forward itself is not among the outputs, so jit
+    # keeps only the transforms. Any input size reaches every layer.
+    x = jnp.zeros((1, 32, 32, 3), jnp.float32)
+
+    def run(variables):
+        return model.apply(variables, x, train=False, mutable=[conv.PREPARED])[1]
+
+    return jax.jit(run)
+
+
 def random_variables(
     model: nn.Module, image_size: int = 224, seed: int = 0, dtype: Any = jnp.float32
 ) -> dict[str, Any]:
@@ -126,5 +181,6 @@ __all__ = [
     "create",
     "family",
     "init",
+    "prepare_inference",
     "random_variables",
 ]

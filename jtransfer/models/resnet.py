@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jtransfer.models import _stages
-from jtransfer.models.conv import conv_general_dilated
+from jtransfer.models.conv import PreparedConv
 from jtransfer.models.layers import (
     BatchNorm,
     conv_init,
@@ -124,7 +124,7 @@ class ResNet(nn.Module):
             dtype=self.dtype,
             param_dtype=param_dtype,
             kernel_init=conv_init,
-            conv_general_dilated=conv_general_dilated,
+            conv_general_dilated_cls=PreparedConv,
         )
 
         def norm(stage):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jtransfer.models import _stages
-from jtransfer.models.conv import conv_general_dilated
+from jtransfer.models.conv import PreparedConv
 from jtransfer.models.layers import (
     BatchNorm,
     adaptive_avg_pool2d,
@@ -90,7 +90,7 @@ class VGG(nn.Module):
                 dtype=self.dtype,
                 param_dtype=param_dtype,
                 kernel_init=conv_init,
-                conv_general_dilated=conv_general_dilated,
+                conv_general_dilated_cls=PreparedConv,
                 name=f"features_{idx}",
             )(x)
             idx += 1

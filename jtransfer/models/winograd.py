@@ -32,6 +32,8 @@ direct convolution by `conv.py` (the transforms would add bfloat16 rounding).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -145,6 +147,12 @@ def conv3x3(x: Array, kernel: Array, precision=None) -> Array:
         (N, H, W, Cout), `lax.conv_general_dilated`'s result up to rounding.
     """
     return _conv_from_transforms(x, kernel_transform(kernel), False, precision)
+
+
+def conv3x3_from_transform(x: Array, u: Array | Sequence[Array], precision=None) -> Array:
+    """`conv3x3` from the kernel's transform `u = kernel_transform(kernel)`: (16, Cin, Cout),
+    or its 16 (Cin, Cout) points as separate arrays."""
+    return _conv_from_transforms(x, u, False, precision)
 
 
 def conv3x3_input_grad(g: Array, kernel: Array, precision=None) -> Array:
