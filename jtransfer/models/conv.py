@@ -86,32 +86,20 @@ def conv_general_dilated(
     preferred_element_type: Any = None,
 ) -> Array:
     """`lax.conv_general_dilated` with the matrix-product kernel gradient where it applies."""
-    plain = _plain(
-        lhs,
-        rhs,
-        padding,
-        lhs_dilation,
-        rhs_dilation,
-        dimension_numbers,
-        feature_group_count,
-        batch_group_count,
-        preferred_element_type,
+    options = dict(
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        preferred_element_type=preferred_element_type,
     )
+    plain = _plain(lhs, rhs, padding, **options)
     if plain and _few_input_channels(rhs):
         return _xla_conv(lhs, rhs, window_strides, padding, precision)
     if not plain:
         return lax.conv_general_dilated(
-            lhs,
-            rhs,
-            window_strides,
-            padding,
-            lhs_dilation,
-            rhs_dilation,
-            dimension_numbers,
-            feature_group_count,
-            batch_group_count,
-            precision,
-            preferred_element_type,
+            lhs, rhs, window_strides, padding, precision=precision, **options
         )
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     if any(p < 0 for pair in pads for p in pair):
