@@ -84,7 +84,7 @@ def prepare_inference(model: nn.Module, variables: dict[str, Any]) -> dict[str, 
 
     On the CPU, every 3x3 stride-1 layer convolves by Winograd's F(2x2, 3x3)
     (`jtransfer.models.winograd`), whose kernel transform a jitted forward
-    recomputes on every call: 13 of ResNet-18's 80 ms eval at batch 16, 112 px,
+    recomputes on every call: 10-13 of ResNet-18's 80-90 ms eval at batch 16, 112 px,
     on a 2-core AMD EPYC. The returned variables carry those transforms (the
     `"winograd"` collection), computed once, and `model.apply` with them skips
     that work; the logits are the same bits. Prepare again whenever the

@@ -364,7 +364,7 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 # Inference with the Winograd kernel transforms computed once.
 #
 # A jitted forward recomputes G K G^T of every Winograd layer on every call: on
-# the 2-core EPYC, 13 of ResNet-18's 80 ms eval (batch 16, 112 px), because each
+# the 2-core EPYC, 10-13 of ResNet-18's 80-90 ms eval (batch 16, 112 px), as each
 # of the 16 transform points is its own pass over the kernel (a 512-channel
 # layer writes 16 MB from 9 MB, re-reading taps). While the parameters stay the
 # same, `prepare_inference` computes them once into the PREPARED collection, and
