@@ -102,7 +102,7 @@ def prepare_inference(model: nn.Module, variables: dict[str, Any]) -> dict[str, 
 
     Returns:
         A new dict: `variables`' collections and, where any layer uses Winograd,
-        "winograd" (16 x Cin x Cout per layer: about 1.8x the 3x3 kernels' memory).
+        "winograd" (16 (Cin, Cout) arrays per layer: about 1.8x the 3x3 kernels' memory).
 
     Example:
         >>> model = create("resnet18", num_classes=2)
