@@ -120,6 +120,15 @@ def test_prepared_kernels_that_do_not_fit_say_what_to_do(monkeypatch):
         model.apply(prepared, x, train=False)
 
 
+def test_something_other_than_variables_is_refused_with_the_fix():
+    model = jt.models.create("resnet18", num_classes=2)
+    variables = jt.models.random_variables(model, image_size=32)
+    with pytest.raises(ConfigError, match=r"needs the model's variables.*keys \['bn1', 'conv1'"):
+        jt.models.prepare_inference(model, variables["params"])  # params alone
+    with pytest.raises(ConfigError, match=r"got a list.*state.params"):
+        jt.models.prepare_inference(model, [variables])
+
+
 def test_features_and_predict_match_plain_apply():
     model = jt.models.create("resnet18", num_classes=3)
     variables = jt.models.random_variables(model, image_size=32, seed=2)

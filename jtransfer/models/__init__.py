@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +113,17 @@ def prepare_inference(model: nn.Module, variables: dict[str, Any]) -> dict[str, 
         >>> bool((model.apply(prepared, x) == model.apply(variables, x)).all())
         True
     """
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        got = (
+            f"a mapping with keys {sorted(variables)}"
+            if isinstance(variables, Mapping)
+            else f"a {type(variables).__name__}"
+        )
+        raise ConfigError(
+            f"prepare_inference needs the model's variables {{'params': ..., 'batch_stats': "
+            f"...}}, got {got}; from a TrainState pass {{'params': state.params, "
+            "'batch_stats': state.batch_stats}"
+        )
     plain = {k: v for k, v in variables.items() if k != conv.PREPARED}
     # Which layers run by Winograd depends on the backend and JTRANSFER_CONV, read when
     # the function is traced: one jitted function per setting.
