@@ -8,7 +8,9 @@ with Winograd (the library's default) and with those layers on the direct
 convolution path instead (`conv._is_winograd` patched to False while tracing),
 checks that the two agree (logits / first-step loss, relative error), then
 times them alternately, rep by rep, beside torch eager on the same batch. The
-ratio `wino/direct` > 1 means Winograd is faster.
+ratio `wino/direct` > 1 means Winograd is faster. Its eval is `model.apply` on
+the plain variables (bench.py's `apply` step): both paths transform their
+kernels in every call.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ def _variant(pair, mode: str, winograd: bool):
     if not winograd:
         conv._is_winograd = lambda *args: False
     try:
-        fn, value = bench.jax_step(pair, mode)
+        # eval on plain variables (bench's "apply"): prepared ones would carry transforms
+        # made with Winograd on, which the direct variant refuses.
+        fn, value = bench.jax_step(pair, "apply" if mode == "eval" else mode)
         fn()  # trace and compile while the patch holds
     finally:
         conv._is_winograd = original
