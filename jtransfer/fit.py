@@ -270,9 +270,7 @@ def _model_variables(variables: Mapping[str, Any] | train.TrainState) -> dict[st
 def _for_inference(model: nn.Module, compute_dtype: Any, variables: dict[str, Any]) -> dict:
     """`variables` with the Winograd kernel transforms done once for a whole evaluation
     (`models.prepare_inference`), for the model `_make_logits_fn` runs."""
-    if compute_dtype is not None:
-        model = model.clone(dtype=compute_dtype)
-    return models.prepare_inference(model, variables)
+    return models.prepare_inference(train._with_dtype(model, compute_dtype), variables)
 
 
 def _make_logits_fn(model: nn.Module, mesh: Mesh, compute_dtype: Any):
@@ -285,8 +283,7 @@ def _cached_logits_fn(model: nn.Module, devices: tuple, axis_names: tuple, compu
     # One jitted function per model and devices: later calls (each epoch's evaluation, the
     # next run's, repeated `predict`s) reuse its compilations.
     mesh = Mesh(np.asarray(devices), axis_names)
-    if compute_dtype is not None:
-        model = model.clone(dtype=compute_dtype)
+    model = train._with_dtype(model, compute_dtype)
 
     def logits_fn(variables, images):
         return model.apply(variables, images, train=False).astype(jnp.float32)
