@@ -69,6 +69,74 @@ def test_tiny_run_writes_the_table(bench, tmp_path, torch_threads):
     assert "nproc" in text and "load average" in text
 
 
+def _cell(bench, mode, torch_s, jax_s, check=""):
+    return bench.Result(
+        "resnet50", 16, 112, mode, torch_s, jax_s, 2.0, 9.0, 10, 20, check, torch_threads=2
+    )
+
+
+def test_cells_from_several_processes_pool_their_reps(bench):
+    first = [
+        _cell(bench, "eval", [1.0, 1.2], [0.5, 0.6], "logits rel err 1.0e-07"),
+        _cell(bench, "finetune", [4.0], [4.0]),
+    ]
+    second = [
+        _cell(bench, "eval", [1.1], [1.1], "logits rel err 3.0e-06"),
+        _cell(bench, "finetune", [4.0], [5.0]),
+    ]
+    second[0].torch_mem, second[1].jax_first_s = 99, 11.0
+    eval_cell, finetune = bench.merge_processes([first, second])
+
+    assert eval_cell.torch_s == [1.0, 1.2, 1.1] and eval_cell.jax_s == [0.5, 0.6, 1.1]
+    assert eval_cell.ratio == pytest.approx(1.1 / 0.6)  # medians over all the reps
+    assert eval_cell.process_ratios == pytest.approx([1.1 / 0.55, 1.0])
+    assert eval_cell.check == "logits rel err 3.0e-06"  # the worse agreement
+    assert eval_cell.torch_mem == 99 and eval_cell.jax_mem == 20
+    assert finetune.process_ratios == pytest.approx([1.0, 0.8])
+    assert finetune.jax_first_s == 10.0 and finetune.check == ""
+
+    text = bench.markdown(
+        [eval_cell, finetune],
+        {"nproc": "2"},
+        {"command": "c", "size": 112, "reps": 1, "wall_s": 1.0, "processes": 2},
+    )
+    assert "| paired | processes |" in text
+    assert "| 0.80-1.00 (median 0.90) |" in text
+    assert "in 2 fresh processes" in text
+    single = bench.markdown([first[0]], {}, {"command": "c", "size": 112, "reps": 1, "wall_s": 1})
+    assert "processes |" not in single  # one process: the table keeps its columns
+
+    with pytest.raises(ValueError, match="different cells"):
+        bench.merge_processes([first, second[:1]])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--processes", "0"], "at least 1"),
+        (["--processes", "2", "--in-process"], "drop --in-process"),
+    ],
+)
+def test_processes_option_errors(bench, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_processes_run_each_case_in_fresh_processes(bench, tmp_path):
+    out = tmp_path / "RESULTS.md"
+    argv = ["--archs", "resnet18", "--batch", "2", "--size", "32", "--reps", "1"]
+    argv += ["--modes", "eval", "--processes", "2", "--xla-flags", ""]
+    argv += ["--torch-threads", "1", "--out", str(out)]
+    (cell,) = bench.main(argv)
+
+    assert (cell.arch, cell.batch, cell.mode) == ("resnet18", 2, "eval")
+    assert len(cell.torch_s) == len(cell.jax_s) == len(cell.process_ratios) == 2
+    assert all(r > 0 for r in cell.process_ratios)
+    assert float(cell.check.rsplit(" ", 1)[1]) < 1e-4
+    assert "| resnet18 | 2 | eval |" in out.read_text()
+
+
 GPU = BENCH.with_name("gpu.py")
 
 
