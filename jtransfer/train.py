@@ -443,8 +443,13 @@ def _select(keep_new: Array, new: Any, old: Any) -> Any:
 
 def make_eval_step(
     model: nn.Module, mesh: Mesh | None = None, *, compute_dtype: Any = None
-) -> Callable[[TrainState, Batch], Metrics]:
+) -> Callable[[TrainState | Mapping[str, Any], Batch], Metrics]:
     """A jit-compiled `eval_step(state, batch) -> metrics` (BatchNorm on running statistics).
+
+    `state` is a `TrainState` or a variables dict. Over many batches with the same
+    weights, pass `models.prepare_inference(model, variables)` (the model at
+    `compute_dtype`): the Winograd kernel transforms are then made once rather than in
+    every call, as `fit.evaluate` does (ResNet-18 eval x1.15 at batch 16, 112 px).
 
     Args:
         model: a module from `jt.models.create`.
@@ -457,8 +462,11 @@ def make_eval_step(
     """
     model = _with_dtype(model, compute_dtype)
 
-    def eval_step(state: TrainState, batch: Batch) -> Metrics:
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
+    def eval_step(state: TrainState | Mapping[str, Any], batch: Batch) -> Metrics:
+        if isinstance(state, TrainState):
+            variables = {"params": state.params, "batch_stats": state.batch_stats}
+        else:
+            variables = state
         logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
         per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         metrics = _summable_metrics(logits, batch["label"], per_example)

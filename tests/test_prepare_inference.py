@@ -139,3 +139,26 @@ def test_features_and_predict_match_plain_apply():
     np.testing.assert_array_equal(feats["layer4"], np.asarray(plain["layer4"]))
     logits = jt.fit.predict(model, variables, x)
     np.testing.assert_allclose(logits, np.asarray(plain["fc"]), rtol=0, atol=0)
+
+
+def test_eval_step_takes_prepared_variables():
+    import optax
+
+    model = jt.models.create("resnet18", num_classes=3)
+    variables = jt.models.random_variables(model, image_size=32, seed=4)
+    state = jt.train.create_train_state(model, variables, optax.sgd(0.1))
+    rng = np.random.default_rng(2)
+    batch = {
+        "image": rng.standard_normal((4, 32, 32, 3)).astype(np.float32),
+        "label": np.array([0, 2, 1, 2], np.int32),
+    }
+    step = jt.train.make_eval_step(model)
+    on_state = step(state, batch)
+    prepared = jt.models.prepare_inference(model, variables)
+    on_prepared = step(prepared, batch)
+    for name in ("loss", "loss_sum", "correct", "count"):
+        np.testing.assert_array_equal(np.asarray(on_prepared[name]), np.asarray(on_state[name]))
+    # The prepared call read the points: wrong ones change the loss.
+    broken = jax.tree.map(lambda u: u * 2.0, prepared[PREPARED])
+    off = step({**prepared, PREPARED: broken}, batch)
+    assert float(off["loss"]) != float(on_state["loss"])
