@@ -465,8 +465,15 @@ def make_eval_step(
     def eval_step(state: TrainState | Mapping[str, Any], batch: Batch) -> Metrics:
         if isinstance(state, TrainState):
             variables = {"params": state.params, "batch_stats": state.batch_stats}
-        else:
+        elif isinstance(state, Mapping) and "params" in state:
             variables = state
+        else:
+            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise ConfigError(
+                f"eval_step takes a TrainState or a variables dict with 'params' and "
+                f"'batch_stats', got {got}; for bare params pass "
+                "{'params': params, 'batch_stats': batch_stats}"
+            )
         logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
         per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         metrics = _summable_metrics(logits, batch["label"], per_example)

@@ -162,3 +162,5 @@ def test_eval_step_takes_prepared_variables():
     broken = jax.tree.map(lambda u: u * 2.0, prepared[PREPARED])
     off = step({**prepared, PREPARED: broken}, batch)
     assert float(off["loss"]) != float(on_state["loss"])
+    with pytest.raises(ConfigError, match=r"got \[.*'conv1'.*'params': params"):
+        step(variables["params"], batch)
