@@ -7,7 +7,7 @@ do (a word such as "pass", "delete", "use" or a flag). Where the failure could d
 something already saved (a cached download, a checkpoint, files beside a zip), `intact`
 checks that it is still there and usable.
 
-`markdown_table()` renders the table for the README:
+`markdown_table()` renders the table in docs/reliability.md (a test keeps it current):
     python -c "from tests.test_reliability import markdown_table; print(markdown_table())"
 
 Everything is kept cheap: no model is compiled (shapes come from `jax.eval_shape`), the
@@ -966,7 +966,7 @@ def test_bad_input_fails_loudly_and_helpfully(case: Case, tmp_path: Path, env: E
 
 
 # --------------------------------------------------------------------------------------------
-# README table
+# The table in docs/reliability.md
 
 
 def _error_name(case: Case) -> str:
@@ -991,3 +991,12 @@ def markdown_table() -> str:
         kept = (case.intact.__doc__ or "").strip().rstrip(".") if case.intact else ""
         rows.append(f"| {case.area} | {cell(case.name)} | {error} | {names} | {cell(kept)} |")
     return "\n".join(rows)
+
+
+def test_docs_table_lists_every_case():
+    """docs/reliability.md shows exactly the cases tested here, so the page cannot go stale."""
+    page = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
+    assert markdown_table() in page.read_text(), (
+        "docs/reliability.md is out of date: paste the output of "
+        'python -c "from tests.test_reliability import markdown_table; print(markdown_table())"'
+    )

@@ -1,0 +1,52 @@
+"""Sphinx configuration for the jtransfer docs (built in CI with warnings as errors)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# The API pages import jtransfer and porting; keep that import quiet and cheap.
+os.environ.setdefault("JTRANSFER_HUGEPAGES", "0")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jtransfer  # noqa: E402
+
+project = "jtransfer"
+author = "the jtransfer developers"
+copyright = "2026, the jtransfer developers"
+version = release = jtransfer.__version__
+
+extensions = [
+    "myst_parser",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.viewcode",
+]
+
+source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
+root_doc = "index"
+exclude_patterns = ["_build", "build", "Thumbs.db", ".DS_Store"]
+templates_path = ["_templates"]
+
+myst_enable_extensions = ["colon_fence", "deflist"]
+myst_heading_anchors = 3
+
+autosummary_generate = True
+autodoc_default_options = {"members": True, "show-inheritance": True}
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_mock_imports: list[str] = []
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+# The docstrings write `code` in Markdown style; render single backticks as literals.
+default_role = "code"
+
+html_theme = "sphinx_book_theme"
+html_title = "jtransfer"
+html_theme_options = {
+    "show_toc_level": 2,
+}
