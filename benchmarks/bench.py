@@ -41,8 +41,8 @@ step, sampled every few ms from another thread during the untimed call before
 each timed one: approximate (allocator caching, sampling granularity), good for
 orders of magnitude only.
 
-The jax side runs with the XLA CPU flags in `JAX_XLA_FLAGS` (see
-benchmarks/levers.py and benchmarks/LEVERS.md for how they were chosen).
+The jax side runs with the XLA CPU flags in `JAX_XLA_FLAGS`: none, XLA's
+defaults (docs/performance.md lists the flags measured and dropped).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ from typing import Any
 
 # XLA CPU flags for the jax side; they must be in the environment before jax
 # creates its CPU client (see `configure_jax`). Empty: XLA's defaults measured
-# best on this machine (benchmarks/LEVERS.md lists what was tried).
+# best (docs/performance.md, "Tried, not kept", lists the flags tried).
 JAX_XLA_FLAGS = ""
 
 DEFAULT_ARCHS = ("resnet18", "resnet50", "vgg16_bn")
@@ -457,13 +457,8 @@ def jax_epoch(pair: Pair, folder: Path, size: int) -> tuple[Callable[[], Any], i
     return run_epoch, loader.steps_per_epoch * batch
 
 
-def jax_step(
-    pair: Pair, mode: str, donate: bool = True
-) -> tuple[Callable[[], Any], Callable[[], Any]]:
-    """(step, first_value): the jtransfer counterpart of `torch_step`.
-
-    `donate=False` turns off make_train_step's buffer donation (a lever to measure).
-    """
+def jax_step(pair: Pair, mode: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """(step, first_value): the jtransfer counterpart of `torch_step`."""
     import jax
 
     import jtransfer as jt
@@ -480,7 +475,7 @@ def jax_step(
 
         return run_eval, lambda: jax.device_get(out["logits"])
 
-    step, state = _jax_trainer(pair, mode, donate)
+    step, state = _jax_trainer(pair, mode)
     holder = {"state": state}
 
     def run_train():
@@ -533,7 +528,6 @@ def run_case(
     reps: int,
     modes: Sequence[str] = MODES,
     log: Callable[[str], Any] | None = None,
-    donate: bool = True,
     torch_threads: int | str | None = None,
     epoch_dir: Path | None = None,
 ) -> list[Result]:
@@ -568,7 +562,7 @@ def run_case(
             t_val = j_val = lambda: None
         else:
             t_fn, t_val = torch_step(pair, mode)
-            j_fn, j_val = jax_step(pair, mode, donate)
+            j_fn, j_val = jax_step(pair, mode)
         check: list[str] = []
 
         def after_first(mode=mode, t_fn=t_fn, t_val=t_val, j_val=j_val, check=check):
