@@ -494,7 +494,7 @@ def _train_folder(root: Path):
 
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     """Runs ``lr-find`` for parsed arguments (see `add_parser`); returns the exit code."""
-    from jtransfer import cli, data, models
+    from jtransfer import _cliutil, data, models
 
     positive = {"--batch-size": args.batch_size, "--num-steps": args.num_steps - 1,
                 "--image-size": args.image_size}  # fmt: skip
@@ -513,8 +513,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     )
     num_classes = len(folder.classes)
     model = models.create(args.arch, num_classes=num_classes)
-    variables = cli.initial_variables(args, model, num_classes)
-    rules = cli.freeze_rules(args.arch, args.freeze, args.head_lr_mult)
+    variables = _cliutil.initial_variables(args, model, num_classes)
+    rules = _cliutil.freeze_rules(args.arch, args.freeze, args.head_lr_mult)
     print(f"{args.arch}, {num_classes} classes, {len(folder)} images in {folder.root}")
     print(partition.rules_table(variables["params"], rules))
     print(f"sweeping the base lr from {args.start_lr:g} to {args.end_lr:g} over "
