@@ -1,9 +1,9 @@
 """JAX's persistent compilation cache, on by default for the command line and the examples.
 
-A jitted ResNet-18 fine-tune step takes 10-40 s to compile on a 2-core CPU; with
-the cache, a second process that compiles the same step (the same run restarted,
-resumed, or run again) loads it from disk instead (13.1 s -> 3.4 s measured in
-benchmarks/LEVERS.md). The cache is keyed by the computation, the jax/XLA
+A jitted ResNet fine-tune step is slow to compile on a CPU; with the cache, a
+second process that compiles the same step (the same run restarted, resumed, or
+run again) loads it from disk instead, in a fraction of the time (the figures
+are in docs/performance.md). The cache is keyed by the computation, the jax/XLA
 versions, the flags and the devices, so a hit runs exactly the code a fresh
 compile would have produced.
 

@@ -1,13 +1,13 @@
 """Transparent huge pages for XLA:CPU's per-step buffers (Linux, glibc >= 2.35).
 
 XLA:CPU allocates the temporary buffer of every execution with malloc: for a
-ResNet-18 fine-tune step (batch 16, 112 px) 360 MB, which glibc serves from a
-fresh mmap and unmaps again when the step ends. The next step faults every
-page in anew: on a 2-core AMD EPYC that was 76,000 page faults and 140 ms of
-kernel time per 360 ms step. With glibc's tunable `glibc.malloc.hugetlb=1`,
-malloc advises the kernel to back such mappings with transparent huge pages
-(2 MiB instead of 4 KiB): 640 faults per step, and the step took 287 ms
-(`python benchmarks/bench.py` measures it; it applies to torch alike).
+ResNet fine-tune step, hundreds of megabytes, which glibc serves from a fresh
+mmap and unmaps again when the step ends. The next step faults every page in
+anew, and those page faults are a sizeable share of the step's time. With
+glibc's tunable `glibc.malloc.hugetlb=1`, malloc advises the kernel to back
+such mappings with transparent huge pages (2 MiB instead of 4 KiB): one fault
+where there were hundreds, and a shorter step. `python benchmarks/bench.py`
+measures it (it applies to torch alike); the figures are in docs/performance.md.
 
 glibc reads tunables once, when the process starts, so the command line
 (`python -m jtransfer`), the examples and the benchmarks re-execute themselves

@@ -388,8 +388,8 @@ def make_train_step(
             trained layers before). XLA already drops gradients nothing reads (the
             optimizer's `set_to_zero` ignores frozen leaves'), but `skip_nonfinite`'s
             finite check and `return_grads` read every gradient; with the mask a
-            frozen leaf's is a constant zero and costs nothing (ResNet-18, layer2-3
-            frozen by rule, with `skip_nonfinite`: step 359 -> 312 ms). The optimizer
+            frozen leaf's is a constant zero and costs nothing, which makes such a
+            step measurably faster (docs/performance.md). The optimizer
             must zero those leaves' updates, as `partition.make_optimizer` does.
 
     Returns:
@@ -449,7 +449,8 @@ def make_eval_step(
     `state` is a `TrainState` or a variables dict. Over many batches with the same
     weights, pass `models.prepare_inference(model, variables)` (the model at
     `compute_dtype`): the Winograd kernel transforms are then made once rather than in
-    every call, as `fit.evaluate` does (ResNet-18 eval x1.15 at batch 16, 112 px).
+    every call, as `fit.evaluate` does (faster, most of all for small images and
+    batches; see docs/performance.md).
 
     Args:
         model: a module from `jt.models.create`.

@@ -119,9 +119,8 @@ class ArchParity:
         The second clause matters where torch's float32 rounds differently from
         ours by more than `target` while both are near the exact answer: torch's
         CPU BatchNorm accumulates its batch statistics in double, and its
-        distance from float64 depends on the CPU's kernels (VGG-19-BN train
-        logits: 1.4e-5 on an AMD EPYC, 5.3e-6 on an Intel Xeon; jtransfer's
-        1.4e-5 and 1.0e-5).
+        distance from float64 depends on the CPU's kernels (docs/parity.md has
+        VGG-19-BN's train logits on two CPUs, torch's and jtransfer's).
         """
         logits_ok = (
             self.train_logits <= target

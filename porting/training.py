@@ -18,9 +18,10 @@ What float32 allows: where the backward pass runs through training-mode
 BatchNorm and ReLUs (d2l's full fine-tuning, seed 003's layer4), a
 pre-activation within rounding of 0 can land on either side of the ReLU kink in
 torch, in jtransfer or in torch float64, and with small maps one flipped element
-moves a gradient by up to ~10%; the runs then drift apart at the rate torch
-float32 drifts from torch float64. `compare(float64_reference=True)` runs torch
-in float64 too and reports that drift beside jtransfer's (`torch_noise`).
+moves a gradient far beyond rounding (docs/parity.md); the runs then drift apart
+at the rate torch float32 drifts from torch float64.
+`compare(float64_reference=True)` runs torch in float64 too and reports that
+drift beside jtransfer's (`torch_noise`).
 
 What float64 shows: `compare(precision="float64")` runs torch in float64 and
 jtransfer in float64 (jax x64, float64 parameters and BatchNorm statistics).

@@ -85,11 +85,11 @@ def prepare_inference(model: nn.Module, variables: dict[str, Any]) -> dict[str, 
 
     On the CPU, every 3x3 stride-1 layer convolves by Winograd's F(2x2, 3x3)
     (`jtransfer.models.winograd`), whose kernel transform a jitted forward
-    recomputes on every call: 10-13 of ResNet-18's 80-90 ms eval at batch 16, 112 px,
-    on a 2-core AMD EPYC. The returned variables carry those transforms (the
-    `"winograd"` collection), computed once, and `model.apply` with them skips
-    that work (it matters most for small images and batches: x1.15 there, x1.03
-    for ResNet-18 at 224 px); the logits are the same bits. Prepare again whenever the
+    recomputes on every call: a cost that does not shrink with the batch or the
+    image. The returned variables carry those transforms (the `"winograd"`
+    collection), computed once, and `model.apply` with them skips that work, so
+    it matters most for small images and batches (docs/performance.md has the
+    speed-ups); the logits are the same bits. Prepare again whenever the
     parameters change: the transforms are not checked against them.
 
     The prepared variables are for inference (`train=False`, feature

@@ -1,12 +1,13 @@
 """A 2-D convolution whose backward pass is made of matrix products.
 
 XLA's CPU backend differentiates a convolution into two more convolutions. The
-kernel gradient's (batch and feature dimensions swapped) misses its fast path:
-on this project's 2-core CPU it ran 2-7x slower than the forward pass of the
-same layer. The input gradient's needs every kernel flipped and transposed
-first, a slow copy for the large 3x3 kernels of the last stages. Together they
+kernel gradient's (batch and feature dimensions swapped) misses its fast path
+and runs several times slower than the forward pass of the same layer. The
+input gradient's needs every kernel flipped and transposed first, a slow copy
+for the large 3x3 kernels of the last stages. Together they
 were most of the gap between a jitted ResNet fine-tune step and torch's
-(`python benchmarks/conv_lever.py` measures it).
+(`python benchmarks/conv_lever.py` measures it; the figures are in
+docs/performance.md).
 
 `conv_general_dilated` here is a drop-in for `lax.conv_general_dilated` that
 Flax's `nn.Conv` accepts (`nn.Conv(..., conv_general_dilated=...)`).
@@ -23,18 +24,18 @@ convolutions run as two half-batch ones, which XLA can overlap with each other
 and with neighbouring work (see `_xla_conv`).
 
 Every other forward pass is XLA's own convolution, except that a 1x1
-convolution is the matrix product it stands for (3-4x faster on XLA:CPU; on
-jax 0.10.2 the same bits, ResNet-50 eval logits included). Their backward pass
-is, for each tap (i, j) of the k x k window,
+convolution is the matrix product it stands for (faster on XLA:CPU, and the
+same bits, ResNet-50 eval logits included; see docs/performance.md). Their
+backward pass is, for each tap (i, j) of the k x k window,
 
     dK[i, j] = (the inputs tap (i, j) read)^T @ dY
     dX      += dY @ K[i, j]^T, placed where tap (i, j) read,
 
 k*k matrix products over batch and positions, which XLA runs on its fast
 matrix-multiply path. They are the same sums in another order, so gradients
-differ from XLA's by rounding only (~1e-6 relative in float32; sums are float32
-or wider whatever the compute dtype). Configurations other than 2-D NHWC / HWIO
-without dilation or groups fall back to `lax.conv_general_dilated`.
+differ from XLA's by rounding only (docs/parity.md measures it; sums are
+float32 or wider whatever the compute dtype). Configurations other than 2-D
+NHWC / HWIO without dilation or groups fall back to `lax.conv_general_dilated`.
 
 Every model's `nn.Conv` calls this through `PreparedConv`, which can instead
 read a layer's Winograd kernel transform computed once by
@@ -47,9 +48,9 @@ bfloat16 tensor-core paths, beat matrix-product rewrites there); the backend is
 
 `JTRANSFER_CONV=xla` in the environment (read when a function is traced) makes
 every convolution XLA's own on the CPU too. The Winograd and per-tap forms are
-many small operations that XLA compiles one by one: a jitted VGG-16-BN forward
-compiled in 7.0 s with them and 0.3 s without (ResNet-18: 4.7 s and 0.3 s), so
-for short runs and debugging the compile saved can outweigh the slower steps.
+many small operations that XLA compiles one by one, so a jitted forward compiles
+many times slower with them than without (docs/performance.md); for short runs
+and debugging the compile saved can outweigh the slower steps.
 """
 
 from __future__ import annotations
@@ -164,11 +165,10 @@ def _is_nhwc(dimension_numbers: Any, lhs_shape, rhs_shape) -> bool:
 
 
 # Below this many input channels (the RGB input layer: ResNet's 7x7/2 stem,
-# VGG's first 3x3) XLA's own convolution and its autodiff win both ways. On one
-# core of the 2-core AMD EPYC, batch 16 at 112 px: ResNet's stem kernel gradient
-# 13.5 ms vs 29.7 ms by per-tap products; VGG's first layer forward 32 ms vs
-# 148 ms by Winograd (3-channel transform-domain matrices), its kernel gradient
-# 65 ms vs 261 ms.
+# VGG's first 3x3) XLA's own convolution and its autodiff win both ways: with 3
+# input channels the per-tap products and Winograd's transform-domain matrices
+# are too thin to pay for themselves (the per-layer timings are in
+# docs/performance.md).
 _NATIVE_BELOW_CHANNELS = 8
 
 
@@ -193,8 +193,8 @@ def _forward(x: Array, kernel: Array, strides, padding, precision) -> Array:
         return winograd.conv3x3(x, kernel, precision)
     if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
         # A 1x1 convolution is one matrix product over the (strided) positions.
-        # XLA's CPU convolution ran ResNet-50's 1x1 layers 3-4x slower than the
-        # same product (eval x1.14 on the whole net) and gives the same bits.
+        # XLA's CPU convolution runs ResNet-50's 1x1 layers several times slower
+        # than the same product, which gives the same bits (docs/performance.md).
         sh, sw = strides
         if (sh, sw) != (1, 1):
             x = x[:, ::sh, ::sw, :]
@@ -207,16 +207,13 @@ def _forward(x: Array, kernel: Array, strides, padding, precision) -> Array:
     return _xla_conv(x, kernel, strides, padding, precision)
 
 
-# XLA:CPU runs some convolutions on one thread (YNNPACK): on the 2-core EPYC the
-# stem's forward (12 ms) and kernel gradient (15 ms) of a ResNet-18 step (b16,
-# 112 px) ran with the other core idle. As two half-batch convolutions XLA can
-# overlap them with each other and with neighbouring work; the kernel gradient
-# splits with them. How much they overlap depends on the program around them: in
-# a trace of ResNet-18 eval the stem's halves (5 ms each) overlapped for 2 ms, and
-# jitted alone they ran one after the other (13 vs 11 ms unsplit). Whole
-# networks, alternating A/B runs, two cores: ResNet-18 eval x1.03, fine-tune
-# x1.02; ResNet-50 eval x1.04, fine-tune x1.00 (a later 40-rep rerun of
-# ResNet-18 eval: x1.04 at batch 16, x1.03 at 32). Each image's output is computed
+# XLA:CPU runs some convolutions on one thread (YNNPACK): the stem's forward and
+# kernel gradient of a ResNet step ran with the other cores idle. As two
+# half-batch convolutions XLA can overlap them with each other and with
+# neighbouring work; the kernel gradient splits with them. How much they overlap
+# depends on the program around them (in a trace of ResNet-18 eval partly; jitted
+# alone, not at all), so the gain on whole networks is small but measurable
+# (alternating A/B runs in docs/performance.md). Each image's output is computed
 # as before (eval logits bit-identical); the kernel gradient is summed in two
 # parts (rounding only).
 _CPU_SPLIT = 2
@@ -289,8 +286,8 @@ def _matmul(a: Array, b: Array, contract: tuple[int, int], precision, batched=Fa
 
 
 # When the kernel gradient sums per image first (see `_kernel_grad`); chosen from
-# alternating A/B runs of the ResNet-18/-50 and VGG-16-BN fine-tune steps (batch
-# 16, 112 px, 2-core Xeon).
+# alternating A/B runs of the ResNet-18/-50 and VGG-16-BN fine-tune steps
+# (docs/performance.md).
 _PER_IMAGE_MAX_CHANNEL_PRODUCT = 64 * 128
 _PER_IMAGE_MIN_POSITIONS = 28 * 28
 
@@ -304,10 +301,10 @@ def _kernel_grad(x, g, kernel_shape, strides, padding, precision) -> Array:
     xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
     # Few channels over many positions (the stem, ResNet's first stage): a single
     # (positions x Cin)^T (positions x Cout) product per tap is a long reduction
-    # into a tiny output, slow on XLA:CPU (12544x64 by 12544x64: 1.36 ms; as 16
-    # per-image products: 0.89 ms). One product per image, summed after, splits
-    # the reduction (resnet18 step x1.08); with wide layers the per-image partial
-    # sums cost more than they save (VGG's 256-channel layers: x0.91-0.96).
+    # into a tiny output, slow on XLA:CPU. One product per image, summed after,
+    # splits the reduction and speeds up the ResNet-18 step; with wide layers the
+    # per-image partial sums cost more than they save (VGG's 256-channel layers
+    # got slower). The timings are in docs/performance.md.
     per_image = cin * cout <= _PER_IMAGE_MAX_CHANNEL_PRODUCT and ho * wo >= _PER_IMAGE_MIN_POSITIONS
     g2 = g.reshape(n, ho * wo, cout) if per_image else g.reshape(n * ho * wo, cout)
     taps = []
@@ -363,10 +360,10 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 # Inference with the Winograd kernel transforms computed once.
 #
-# A jitted forward recomputes G K G^T of every Winograd layer on every call: on
-# the 2-core EPYC, 10-13 of ResNet-18's 80-90 ms eval (batch 16, 112 px), as each
-# of the 16 transform points is its own pass over the kernel (a 512-channel
-# layer writes 16 MB from 9 MB, re-reading taps). While the parameters stay the
+# A jitted forward recomputes G K G^T of every Winograd layer on every call, a
+# noticeable share of a small-batch eval (docs/performance.md), as each of the 16
+# transform points is its own pass over the kernel (a 512-channel layer writes
+# 16 MB from 9 MB, re-reading taps). While the parameters stay the
 # same, `prepare_inference` computes them once into the PREPARED collection, and
 # `PreparedConv` (the convolution function every model's `nn.Conv` instantiates)
 # uses them instead of the kernel.

@@ -109,8 +109,8 @@ def max_pool_3x3_s2(x: Array) -> Array:
     max_pool2d backward does, and is computed on the four stride-2 phases of the
     padded input (even/odd rows x even/odd columns): each of the 9 taps reads one
     phase at offset 0 or 1, so no strided copies and no input-sized scatter. It
-    replaced XLA:CPU's `select_and_scatter` (iotas + scatter), ResNet-18
-    fine-tune step x1.06, ResNet-50 x1.03 (batch 16, 112 px). Overlapping
+    replaced XLA:CPU's `select_and_scatter` (iotas + scatter), which made the
+    ResNet fine-tune steps slower (docs/performance.md). Overlapping
     windows sum their gradients in another order than torch: rounding only. A
     window holding a NaN passes no gradient (torch's goes to the NaN).
     """
@@ -176,7 +176,7 @@ def max_pool_2x2(x: Array) -> Array:
     maximum of its window in row-major order, as torch's max_pool2d backward
     sends it (ties are common after a ReLU). XLA:CPU's own gradient of
     `reduce_window` (`select_and_scatter`, rewritten with iotas and a scatter)
-    made the VGG-16-BN fine-tune step 1.16x slower (batch 16, 112 px). A window
+    made the VGG-16-BN fine-tune step slower (docs/performance.md). A window
     holding a NaN passes no gradient (torch's goes to the NaN).
     """
     return _windows_2x2(x).max(axis=(2, 4))

@@ -10,10 +10,10 @@ with the tile transforms B^T (4x4), G (4x3) and A^T (2x4) made of 0, +-1 and
 1/2. Over channels the elementwise product becomes 16 matrix products
 (tiles x Cin) @ (Cin x Cout), one per point of the 4x4 transform domain, which
 XLA runs on its fast matrix-multiply path. The 3x3 stride-1 layers hold most of
-ResNet's and all of VGG's work; on one core of a 2-core AMD EPYC (AVX-512, jax
-0.10.2) this form ran ResNet-18's (batch 16, 112 px) forward 1.3-1.7x faster
-than XLA's convolution, input gradient included (`python
-benchmarks/winograd_lever.py` measures whole steps both ways).
+ResNet's and all of VGG's work, and on XLA:CPU this form runs them faster than
+XLA's convolution, input gradient included (`python
+benchmarks/winograd_lever.py` measures whole steps both ways; the figures are in
+docs/performance.md).
 
 The backward pass stays in the transform domain:
 
@@ -25,9 +25,10 @@ The backward pass stays in the transform domain:
   transform and dM = A dY A^T, then dK = G^T dU G.
 
 Sums are reordered, not approximated: results differ from a direct
-convolution by float32 rounding only (about 1e-6 relative; the transforms'
-coefficients are exact in binary). Half-precision inputs are left to the
-direct convolution by `conv.py` (the transforms would add bfloat16 rounding).
+convolution by float32 rounding only (the transforms' coefficients are exact
+in binary; docs/parity.md has the measured differences). Half-precision inputs
+are left to the direct convolution by `conv.py` (the transforms would add
+bfloat16 rounding).
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def input_transform(x: Array) -> Array:
 
 def _products(v: Array, u: Array, transpose_u: bool, precision) -> list[Array]:
     # 16 separate products: one batched dot_general ran the forward of the
-    # 512-channel layers 4x slower on XLA:CPU (1.2x faster on 64-channel ones).
+    # 512-channel layers much slower on XLA:CPU, though a little faster on
+    # 64-channel ones (docs/performance.md).
     if transpose_u:
         dims = (((1,), (1,)), ((), ()))
         return [
