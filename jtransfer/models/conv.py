@@ -5,9 +5,8 @@ kernel gradient's (batch and feature dimensions swapped) misses its fast path
 and runs several times slower than the forward pass of the same layer. The
 input gradient's needs every kernel flipped and transposed first, a slow copy
 for the large 3x3 kernels of the last stages. Together they
-were most of the gap between a jitted ResNet fine-tune step and torch's
-(`python benchmarks/conv_lever.py` measures it; the figures are in
-docs/performance.md).
+were most of the gap between a jitted ResNet fine-tune step and torch's (the
+figures are in docs/performance.md).
 
 `conv_general_dilated` here is a drop-in for `lax.conv_general_dilated` that
 Flax's `nn.Conv` accepts (`nn.Conv(..., conv_general_dilated=...)`).

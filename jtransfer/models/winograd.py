@@ -11,9 +11,8 @@ with the tile transforms B^T (4x4), G (4x3) and A^T (2x4) made of 0, +-1 and
 (tiles x Cin) @ (Cin x Cout), one per point of the 4x4 transform domain, which
 XLA runs on its fast matrix-multiply path. The 3x3 stride-1 layers hold most of
 ResNet's and all of VGG's work, and on XLA:CPU this form runs them faster than
-XLA's convolution, input gradient included (`python
-benchmarks/winograd_lever.py` measures whole steps both ways; the figures are in
-docs/performance.md).
+XLA's convolution, input gradient included (docs/performance.md has the
+figures).
 
 The backward pass stays in the transform domain:
 
