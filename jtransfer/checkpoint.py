@@ -17,15 +17,35 @@ arrays to host memory before it returns, so the caller may donate the state's bu
 next train step at once, and the files are written in the background.
 
 Example:
-    >>> from jtransfer import checkpoint
-    >>> ckpt = checkpoint.Checkpointer("runs/r18", metadata={"arch": "resnet18",
-    ...                                "num_classes": 2})  # doctest: +SKIP
-    >>> restored = ckpt.restore_latest(checkpoint.abstract_state(state))  # doctest: +SKIP
-    >>> if restored is not None:  # doctest: +SKIP
-    ...     state = restored.state; train_iter.set_state(restored.loader_state)
-    >>> ckpt.save(state, epoch=epoch, loader_state=train_iter.get_state(),
-    ...           metrics={"test_acc": 0.93}, force=True)  # doctest: +SKIP
-    >>> model, variables, meta = checkpoint.load_for_inference("runs/r18")  # doctest: +SKIP
+    A training loop restores the latest checkpoint if there is one (the state, and with
+    ``train_iter.set_state(restored.loader_state)`` the data loader's position) and saves
+    at the end of each epoch (``loader_state=train_iter.get_state()``):
+
+    >>> import tempfile, optax
+    >>> import jtransfer as jt
+    >>> from jtransfer import checkpoint, train
+    >>> model = jt.models.create("resnet18", num_classes=2)
+    >>> variables = jt.models.random_variables(model, image_size=32)
+    >>> state = train.create_train_state(model, variables, optax.sgd(0.01))
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> ckpt = checkpoint.Checkpointer(tmp.name, metadata={"arch": "resnet18",
+    ...                                                    "num_classes": 2})
+    >>> ckpt.restore_latest(checkpoint.abstract_state(state)) is None  # nothing saved yet
+    True
+    >>> ckpt.save(state, epoch=1, metrics={"test_acc": 0.93}, force=True)
+    True
+    >>> ckpt.wait_until_finished()
+    >>> restored = ckpt.restore_latest(checkpoint.abstract_state(state))
+    >>> restored.step, restored.epoch, restored.metrics
+    (0, 1, {'test_acc': 0.93})
+
+    The directory alone is enough for prediction and export:
+
+    >>> model, variables, meta = checkpoint.load_for_inference(tmp.name)
+    >>> meta["arch"], meta["num_classes"], meta["step"]
+    ('resnet18', 2, 0)
+    >>> ckpt.close()
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations
@@ -114,7 +134,8 @@ def abstract_state(state: Any) -> Any:
         state: a pytree of arrays (e.g. a fresh `TrainState`) or of ShapeDtypeStructs.
 
     Returns:
-        The same pytree of `jax.ShapeDtypeStruct`s; numpy leaves get the default device.
+        The same pytree with `jax.ShapeDtypeStruct` leaves; numpy leaves get the default
+        device.
     """
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 

@@ -14,7 +14,12 @@ before the first compilation, or set `jax_compilation_cache_dir` themselves.
 
 Example:
     >>> from jtransfer import compile_cache
-    >>> compile_cache.enable("/tmp/jtransfer-xla")   # doctest: +SKIP
+    >>> compile_cache.enable("off") is None  # what --compile-cache off does
+    True
+
+    Turning it on changes JAX's settings for the whole process:
+
+    >>> compile_cache.enable("/tmp/jtransfer-xla")  # doctest: +SKIP
     PosixPath('/tmp/jtransfer-xla')
 """
 

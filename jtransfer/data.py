@@ -7,12 +7,22 @@ and the random ones take their randomness from a numpy ``Generator`` derived fro
 checkpointed loader state sees the same augmented images it would have seen uninterrupted.
 
 Example:
+    A small generated image folder stands in for a real one such as ``hotdog/train``:
+
+    >>> import tempfile
     >>> from jtransfer import data
-    >>> folder = data.ImageFolder("hotdog/train")  # doctest: +SKIP
-    >>> loader = data.make_loader(folder, batch_size=128, train=True, seed=0)  # doctest: +SKIP
-    >>> it = iter(loader)  # doctest: +SKIP
-    >>> batch = next(it)  # {"image": float32 (128, 224, 224, 3), "label": int32 (128,)}
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> folder = data.make_demo_imagefolder(f"{tmp.name}/train", n_per_class=4, size=40)
+    >>> folder.classes, len(folder)
+    (['hotdog', 'not-hotdog'], 8)
+    >>> loader = data.make_loader(folder, batch_size=4, train=True, seed=0, image_size=32)
+    >>> it = iter(loader)
+    >>> batch = next(it)
+    >>> batch["image"].shape, batch["image"].dtype, batch["label"].shape
+    ((4, 32, 32, 3), dtype('float32'), (4,))
     >>> state = it.get_state()  # JSON bytes for the checkpoint; it.set_state(state) resumes
+    >>> it.close()
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations

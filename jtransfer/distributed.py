@@ -14,9 +14,17 @@ all, and each process loads only its share of every global batch:
 The train step then runs on global arrays: BatchNorm statistics, the loss and the metrics are
 over the global batch, as on one device. On CPU the collectives go through gloo.
 
-Example (two processes on one machine; run each with its own process id):
+Example:
+    A single process is a run of one, and process 0:
+
     >>> from jtransfer import distributed
+    >>> distributed.is_multiprocess(), distributed.is_main()
+    (False, True)
+
+    Two processes on one machine each call this first, with their own process id (0, 1):
+
     >>> distributed.initialize("127.0.0.1:12355", num_processes=2, process_id=0)  # doctest: +SKIP
+    True
 """
 
 from __future__ import annotations

@@ -4,14 +4,29 @@ Everything here is standard library (plus tqdm for the progress bar) and never i
 The machines jtransfer is developed on have no network, so every failure mode ends in a
 `DownloadError` or `DataError` that says what happened and how to supply the file by hand.
 
+d2l's hot-dog data set, for instance, is fetched and unpacked with::
+
+    zip_path = fetch("https://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip",
+                     cache_dir() / "hotdog.zip", sha1="fba480ffa8aa7e0febbb511d181409f899b9baa5")
+    data_root = safe_extract_zip(zip_path, cache_dir())
+
 Example:
-    >>> from jtransfer.download import cache_dir, fetch, safe_extract_zip
-    >>> zip_path = fetch(  # doctest: +SKIP
-    ...     "https://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip",
-    ...     cache_dir() / "hotdog.zip",
-    ...     sha1="fba480ffa8aa7e0febbb511d181409f899b9baa5",
-    ... )
-    >>> data_root = safe_extract_zip(zip_path, cache_dir())  # doctest: +SKIP
+    The same with a local archive (``file://`` URLs work like ``https://`` ones):
+
+    >>> import tempfile, zipfile
+    >>> from pathlib import Path
+    >>> from jtransfer.download import fetch, file_hashes, safe_extract_zip
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> archive = Path(tmp.name) / "hotdog.zip"
+    >>> with zipfile.ZipFile(archive, "w") as z:
+    ...     z.writestr("hotdog/train/hotdog/0.jpg", b"not really a JPEG")
+    >>> sha1, sha256 = file_hashes(archive)
+    >>> zip_path = fetch(archive.as_uri(), Path(tmp.name) / "cache" / "hotdog.zip", sha1=sha1,
+    ...                  progress=False)
+    >>> data_root = safe_extract_zip(zip_path, Path(tmp.name) / "data")
+    >>> [p.relative_to(data_root).as_posix() for p in data_root.rglob("*.jpg")]
+    ['hotdog/train/hotdog/0.jpg']
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations

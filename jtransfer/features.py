@@ -19,14 +19,26 @@ for training and no dropout, the two compute the same thing; `fit_linear_probe` 
 examples in the order `jtransfer.data.make_loader(train=True, seed=seed)` does.
 
 Example:
-    >>> import porting
+    A linear probe on a small generated image folder, from random weights; with
+    ``porting.load_pretrained("resnet18")`` (and ``weights_id="IMAGENET1K_V1"`` to name the
+    cache file) the features are ImageNet's:
+
+    >>> import tempfile
+    >>> import jtransfer as jt
     >>> from jtransfer import data, features
-    >>> model, variables = porting.load_pretrained("resnet18")  # doctest: +SKIP
-    >>> folder = data.ImageFolder("hotdog/train")  # doctest: +SKIP
-    >>> x, y = features.embed_dataset(model, variables, folder, cache_dir="cache",
-    ...                               weights_id="IMAGENET1K_V1")  # doctest: +SKIP
-    >>> head = features.fit_linear_probe(x, y, 2, method="lbfgs")  # doctest: +SKIP
-    >>> variables = features.insert_head(variables, "resnet18", head)  # doctest: +SKIP
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> folder = data.make_demo_imagefolder(f"{tmp.name}/train", n_per_class=4, size=40)
+    >>> model = jt.models.create("resnet18")
+    >>> variables = jt.models.random_variables(model, image_size=32)
+    >>> x, y = features.embed_dataset(model, variables, folder, cache_dir=f"{tmp.name}/cache",
+    ...                               image_size=32)
+    >>> x.shape, y.tolist()
+    ((8, 512), [0, 0, 0, 0, 1, 1, 1, 1])
+    >>> head = features.fit_linear_probe(x, y, 2, method="lbfgs")
+    >>> variables = features.insert_head(variables, "resnet18", head)
+    >>> variables["params"]["fc"]["kernel"].shape  # fits jt.models.create("resnet18", 2)
+    (512, 2)
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations
@@ -218,9 +230,9 @@ def extract(
         ConfigError: an unknown stage name (the message lists the valid ones), or bad shapes.
 
     Example:
-        >>> import jax, numpy as np, jtransfer as jt
+        >>> import numpy as np, jtransfer as jt
         >>> model = jt.models.create("resnet18")
-        >>> v = jt.models.init(model, jax.random.PRNGKey(0), image_size=32)
+        >>> v = jt.models.random_variables(model, image_size=32)
         >>> out = extract(model, v, np.zeros((3, 64, 64, 3), np.float32),
         ...               stages=("layer4", "prelogits"))
         >>> out["layer4"].shape, out["prelogits"].shape

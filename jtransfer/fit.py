@@ -22,17 +22,31 @@ Each epoch gives one history entry (a dict), the numbers d2l prints:
 * ``epoch_s``: wall seconds of the whole epoch, evaluation and compilation included.
 
 Example:
-    >>> import porting
+    One epoch on a small generated image folder, from random weights; for the d2l recipe
+    itself, ``porting.load_pretrained("resnet18", num_classes=2)`` gives the model and its
+    ImageNet variables, and the folders are ``hotdog/train`` and ``hotdog/test``:
+
+    >>> import tempfile
+    >>> import jtransfer as jt
     >>> from jtransfer import data, fit, partition
-    >>> model, variables = porting.load_pretrained("resnet18", num_classes=2)  # doctest: +SKIP
-    >>> train_loader = data.make_loader(data.ImageFolder("hotdog/train"), batch_size=128,
-    ...                                 train=True, num_epochs=None)  # doctest: +SKIP
-    >>> test_loader = data.make_loader(data.ImageFolder("hotdog/test"), batch_size=128,
-    ...                                train=False)  # doctest: +SKIP
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> train_folder = data.make_demo_imagefolder(f"{tmp.name}/train", n_per_class=4, size=40)
+    >>> test_folder = data.make_demo_imagefolder(f"{tmp.name}/test", n_per_class=2, size=40,
+    ...                                          seed=1)
+    >>> train_loader = data.make_loader(train_folder, batch_size=4, train=True,
+    ...                                 num_epochs=None, image_size=32)
+    >>> test_loader = data.make_loader(test_folder, batch_size=4, train=False, image_size=32,
+    ...                                resize_size=(36, 36))
+    >>> model = jt.models.create("resnet18", num_classes=2)
+    >>> variables = jt.models.random_variables(model, image_size=32)
     >>> state, history = fit.fit(model, variables, partition.finetune("resnet18"),
     ...                          train_loader, test_loader, learning_rate=5e-5,
-    ...                          weight_decay=1e-3, epochs=5)  # doctest: +SKIP
-    >>> history[-1]["test_acc"]  # doctest: +SKIP
+    ...                          weight_decay=1e-3, epochs=1, progress=False, log=None)
+    >>> int(state.step), history[-1]["train_count"], history[-1]["test_count"]
+    (2, 8, 4)
+    >>> 0.0 <= history[-1]["test_acc"] <= 1.0
+    True
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations

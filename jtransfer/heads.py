@@ -7,14 +7,14 @@ e.g. ImageNet's "hotdog" row 934 for a hotdog / not-hotdog classifier (d2l
 exercise 4; 934 is torchvision's class order, 713 is MXNet Gluon's).
 
 Example:
-    >>> import jax
     >>> import jtransfer as jt
     >>> from jtransfer import heads
     >>> model = jt.models.create("resnet18")
-    >>> variables = jt.models.init(model, jax.random.PRNGKey(0))  # doctest: +SKIP
-    >>> new = heads.replace_head(variables, "resnet18", 2, init_rows=[934, None])  # doctest: +SKIP
-    >>> new["params"]["fc"]["kernel"].shape  # doctest: +SKIP
-    (512, 2)
+    >>> variables = jt.models.random_variables(model, image_size=32)  # or ImageNet weights
+    >>> new = heads.replace_head(variables, "resnet18", 2, init_rows=[934, None])
+    >>> fc, old = new["params"]["fc"], variables["params"]["fc"]
+    >>> fc["kernel"].shape, bool((fc["kernel"][:, 0] == old["kernel"][:, 934]).all())
+    ((512, 2), True)
 """
 
 from __future__ import annotations

@@ -16,14 +16,25 @@ the longest descending stretch, often a little more conservative) is `LRFindResu
 ("valley")`. Both are starting points to read against the plot, not answers.
 
 Example:
-    >>> import porting
+    A short sweep on a small generated image folder, from random weights (a real one takes
+    100 to 300 steps, from ``porting.load_pretrained("resnet18", num_classes=2)``):
+
+    >>> import tempfile
+    >>> import jtransfer as jt
     >>> from jtransfer import data, lr_find, partition
-    >>> model, variables = porting.load_pretrained("resnet18", num_classes=2)  # doctest: +SKIP
-    >>> loader = data.make_loader(data.ImageFolder("hotdog/train"), batch_size=32, train=True,
-    ...                           num_epochs=None)  # doctest: +SKIP
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> folder = data.make_demo_imagefolder(f"{tmp.name}/train", n_per_class=4, size=40)
+    >>> loader = data.make_loader(folder, batch_size=4, train=True, num_epochs=None,
+    ...                           image_size=32)
+    >>> model = jt.models.create("resnet18", num_classes=2)
+    >>> variables = jt.models.random_variables(model, image_size=32)
     >>> result = lr_find.lr_find(model, variables, partition.finetune("resnet18"), loader,
-    ...                          momentum=0.9)  # doctest: +SKIP
-    >>> result.suggestion, result.plot("lr_find.png")  # doctest: +SKIP
+    ...                          num_steps=6, momentum=0.9)
+    >>> len(result.lrs) <= 6, result.suggestion in result.lrs
+    (True, True)
+    >>> result.plot(f"{tmp.name}/lr_find.png").name
+    'lr_find.png'
+    >>> tmp.cleanup()
 
 From the shell (`main`): ``python -m jtransfer lr-find --data DIR --arch resnet18 --weights
 PATH --freeze backbone --out runs/lr``; it writes lr_find.png and lr_find.json to --out.
@@ -303,7 +314,8 @@ def lr_find(
         start_lr: first base rate.
         end_lr: last base rate.
         num_steps: steps of the full sweep (100 to 300 is usual).
-        optimizer, momentum, weight_decay, **optimizer_kw: as for `partition.make_optimizer`.
+        optimizer, momentum, weight_decay: as for `partition.make_optimizer`.
+        **optimizer_kw: other options of `partition.make_optimizer`.
         loss_reduction: "mean" (torch's default) or "sum" (d2l's; the good rates are then
             about batch-size times smaller).
         smooth: beta of `smooth_losses`.

@@ -19,12 +19,20 @@ lists from those names. `make_optimizer` turns rules into an
 optimizer state at all) and the rest torch-style SGD / Adam / AdamW.
 
 Example:
+    >>> import jtransfer as jt
     >>> from jtransfer import partition
     >>> rules = partition.finetune("resnet18", head_lr_mult=10.0)
     >>> [(regex, g.name, g.lr_mult) for regex, g in rules]
     [('(?!fc/).*', 'backbone', 1.0), ('fc/.*', 'head', 10.0)]
-    >>> tx = partition.make_optimizer(params, rules, learning_rate=5e-5,
-    ...                               weight_decay=1e-3)  # doctest: +SKIP
+    >>> model = jt.models.create("resnet18", num_classes=2)
+    >>> params = jt.models.random_variables(model, image_size=32)["params"]
+    >>> print(partition.rules_table(params, rules))
+    label     #tensors     #params  lr mult  frozen
+    backbone        60  11,176,512        1  no
+    head             2       1,026       10  no
+    total           62  11,177,538
+    >>> tx = partition.make_optimizer(params, rules, learning_rate=5e-5, weight_decay=1e-3)
+    >>> opt_state = tx.init(params)
 """
 
 from __future__ import annotations
@@ -675,8 +683,14 @@ def make_optimizer(
         The GradientTransformation; `init(params)` holds state only for trained labels.
 
     Example:
-        >>> tx = make_optimizer(params, finetune("resnet18"), learning_rate=5e-5,
-        ...                     weight_decay=1e-3)  # doctest: +SKIP
+        >>> import jax.numpy as jnp
+        >>> params = {"conv1": {"kernel": jnp.ones((3, 3, 3, 8))},
+        ...           "fc": {"kernel": jnp.ones((8, 2)), "bias": jnp.ones(2)}}
+        >>> tx = make_optimizer(params, finetune("resnet18"), learning_rate=0.5)
+        >>> grads = jax.tree.map(jnp.ones_like, params)
+        >>> updates, _ = tx.update(grads, tx.init(params), params)
+        >>> float(updates["conv1"]["kernel"][0, 0, 0, 0]), float(updates["fc"]["bias"][0])
+        (-0.5, -5.0)
     """
     _, by_label = _resolve(params, rule_list)
     if not callable(optimizer) and optimizer not in OPTIMIZERS:

@@ -26,11 +26,11 @@ compiled step: no re-compile, no host round trip), reported as
 Batches are ``{"image": float32 (N, H, W, 3) ImageNet-normalised, "label": int32 (N,)}``.
 
 Example:
-    >>> import jax, jax.numpy as jnp, optax
+    >>> import jax.numpy as jnp, optax
     >>> import jtransfer as jt
     >>> from jtransfer import train
     >>> model = jt.models.create("resnet18", num_classes=2)
-    >>> variables = jt.models.init(model, jax.random.PRNGKey(0), image_size=32)
+    >>> variables = jt.models.random_variables(model, image_size=32)
     >>> tx = optax.sgd(1e-3)
     >>> state = train.create_train_state(model, variables, tx)
     >>> step = train.make_train_step(model, tx)

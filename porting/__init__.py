@@ -1,9 +1,22 @@
 """porting: torchvision weights in and out of jtransfer. The only place torch is used.
 
 Example:
+    A torchvision state_dict file in, a Flax model's variables out, and back:
+
+    >>> import tempfile, torch, torchvision
     >>> import porting
-    >>> v = porting.from_torchvision("r18.pth", "resnet18", num_classes=2)  # doctest: +SKIP
-    >>> sd = porting.to_torchvision(v, "resnet18")  # doctest: +SKIP
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> torch.save(torchvision.models.resnet18().state_dict(), f"{tmp.name}/r18.pth")
+    >>> variables = porting.from_torchvision(f"{tmp.name}/r18.pth", "resnet18")
+    >>> variables["params"]["fc"]["kernel"].shape  # torch's fc.weight is (1000, 512)
+    (512, 1000)
+    >>> net = torchvision.models.resnet18()
+    >>> net.load_state_dict(porting.to_torchvision(variables, "resnet18"), strict=True)
+    <All keys matched successfully>
+    >>> tmp.cleanup()
+
+    `load_pretrained("resnet18", num_classes=2)` does the same from torchvision's
+    download cache (or downloads the file).
 """
 
 from jtransfer.errors import PortingError
