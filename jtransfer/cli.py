@@ -5,10 +5,12 @@
 usage error (argparse), 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint.
 
 Example:
-    $ python -m jtransfer finetune --data hotdog --arch resnet18 --weights IMAGENET1K_V1 \\
-          --freeze none --head-lr-mult 10 --epochs 5 --out runs/hotdog
-    $ python -m jtransfer predict --checkpoint runs/hotdog photo1.jpg photo2.jpg
-    $ python -m jtransfer export --checkpoint runs/hotdog --out hotdog_resnet18.pth
+    From the shell::
+
+        $ python -m jtransfer finetune --data hotdog --arch resnet18 --weights IMAGENET1K_V1 \\
+              --freeze none --head-lr-mult 10 --epochs 5 --out runs/hotdog
+        $ python -m jtransfer predict --checkpoint runs/hotdog photo1.jpg photo2.jpg
+        $ python -m jtransfer export --checkpoint runs/hotdog --out hotdog_resnet18.pth
 """
 
 from __future__ import annotations
