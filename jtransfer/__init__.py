@@ -24,7 +24,7 @@ from jtransfer.partition import Group, make_optimizer, rules_table
 __version__ = "0.1.0"
 
 # Loaded on first attribute access: they pull in grain, PIL, orbax or matplotlib.
-_LAZY = ("checkpoint", "cli", "data", "download", "features", "fit", "lr_find", "train")
+_LAZY = ("checkpoint", "cli", "data", "download", "features", "fit", "lr_find", "nnx", "train")
 
 
 def __getattr__(name):
