@@ -76,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{ARCH} (flax.nnx), weights {args.weights}; classes {train_folder.classes}; "
           f"{len(train_folder)} train / {len(test_folder)} test images")  # fmt: skip
     print(partition.rules_table(jnnx.to_variables(module)["params"], rules))
-    print(f"frozen prefix: {frozen} stages (BatchNorm on running statistics, no backward)")
+    if frozen:
+        print(f"frozen prefix: {frozen} stages (BatchNorm on running statistics, no backward)")
+    else:
+        print("every stage trains (BatchNorm in training mode, as torch's net.train())")
 
     train_loader = data.make_loader(
         train_folder, batch_size=args.batch_size, train=True, seed=args.seed,
