@@ -278,3 +278,16 @@ def test_example_fine_tunes_prints_each_epoch_and_exports(tmp_path, capsys):
     original = torch.load(weights, weights_only=True)
     assert torch.equal(net.layer1[0].conv1.weight, original["layer1.0.conv1.weight"])
     assert torch.equal(net.bn1.running_mean, original["bn1.running_mean"])
+
+
+def test_benchmark_script_runs_and_compares_the_same_steps(capsys):
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "nnx_vs_linen.py"
+    spec = importlib.util.spec_from_file_location("nnx_vs_linen", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--batch", "2", "--size", "32", "--reps", "1", "--modes", "frozen", "eval"]
+    results = bench.main(argv)
+    assert sorted(results) == ["eval", "frozen"]
+    for r in results.values():
+        assert len(r["linen"]["steps"]) == len(r["nnx"]["steps"]) == 1
+    assert "nnx/linen" in capsys.readouterr().out
