@@ -12,10 +12,15 @@ same net with random weights, lr 5e-4 for everything. d2l publishes test accurac
 fine-tuned and 0.791 from scratch.
 
 Without network (as on the machines this project is built on, and in CI) it says what it
-could not download and how to pass local copies, then runs the same recipe on a DEMO:
-generated images and, without the ImageNet weights, a randomly initialised torchvision
-ResNet-18 checkpoint ported with `porting.from_torchvision`. Every line of a demo says so;
-its numbers are not the d2l result.
+could not download and how to pass local copies, then runs a DEMO of the same lesson on
+generated images (`jtransfer.demo`). In place of ImageNet it first pretrains ResNet-18 on a
+generated SOURCE task, which of 12 shapes an image shows, in random colours; saves that
+network as a torchvision checkpoint (`porting.to_torchvision` + `torch.save`, cached, so
+later runs skip the pretraining) and loads it back with `porting.from_torchvision`, as it
+would load torchvision's file. In place of the hot-dog photos the TARGET task is generated
+from the same shapes: "hotdog" (a sausage in a bun) against "not-hotdog" (another shape on
+another base), with few training images. Then the recipe, fine-tune and scratch, at d2l's
+rates. Every line of a demo says so; its numbers are not the d2l result.
 
 Outputs in --out: the curves of both runs (PNG) and their history (JSON).
 Environment: JTRANSFER_HOTDOG_URL overrides the data URL, JTRANSFER_WEIGHTS_BASE_URL the
@@ -26,10 +31,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 import urllib.error
 import warnings
@@ -39,7 +47,7 @@ from typing import Any, NamedTuple
 
 import jtransfer as jt
 import porting
-from jtransfer import compile_cache, data, download, fit, partition
+from jtransfer import compile_cache, data, demo, download, fit, partition
 from jtransfer.errors import ConfigError, DataError, DownloadError, JTransferError
 from porting import io as porting_io
 
@@ -71,8 +79,32 @@ class Settings:
 
 
 D2L = Settings()
-DEMO = Settings(epochs=3, batch_size=16, image_size=64)
-DEMO_PER_CLASS = {"train": 32, "test": 16}
+# d2l's rates at batch 16: with the loss summed, each example moves the weights as much as
+# in d2l's batches of 128. The small training set is the point: it is what makes pretrained
+# features matter; the larger test set keeps its accuracy from jumping by whole images.
+DEMO = Settings(epochs=10, batch_size=16, image_size=32)
+DEMO_PER_CLASS = {"train": 32, "test": 100}
+
+
+@dataclass(frozen=True)
+class Pretrain:
+    """The offline demo's stand-in for ImageNet pretraining, on `jtransfer.demo`'s shapes.
+
+    Not d2l's recipe: the source task only has to give the network shape features, fast.
+    Adam with a warmup-cosine schedule on the mean loss does that in a few hundred steps,
+    each on freshly drawn images. `rounds` is how often the source test accuracy is printed.
+    """
+
+    steps: int = 200
+    rounds: int = 4
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    eval_count: int = 256
+
+
+DEMO_PRETRAIN = Pretrain()
+SOURCE_TASK = f"which of {len(demo.PRIMITIVES)} generated shapes an image shows"
 
 
 @dataclass
@@ -90,7 +122,9 @@ class Source:
 class Weights:
     """The fine-tuning run's starting point."""
 
-    kind: str  # "imagenet" (torchvision's IMAGENET1K_V1 file), "local", "demo"
+    # "imagenet" (torchvision's IMAGENET1K_V1 file), "local", "demo" (random weights),
+    # "source-task" (pretrained here on the generated source task, offline demo)
+    kind: str
     variables: Any
     note: str
 
@@ -165,24 +199,24 @@ def download_hotdog(failures: list[Failure]) -> Source | None:
 
 
 def demo_source(settings: Settings, per_class: dict[str, int]) -> Source:
-    """Generated, learnable two-class images in the cache (written once, then reused)."""
-    px = round(settings.image_size * 1.25)
-    root = download.cache_dir() / "demo" / f"hotdog-{px}px-{per_class['train']}-{per_class['test']}"
+    """The generated target task in the cache (written once, then reused)."""
+    px = round(settings.image_size * 1.25)  # room for RandomResizedCrop, like d2l's photos
+    name = f"hotdog-v{demo.GENERATOR_VERSION}-{px}px-{per_class['train']}-{per_class['test']}"
+    root = download.cache_dir() / "demo" / name
     for seed, split in enumerate(("train", "test")):
         if not (root / split).is_dir():
             try:
-                data.make_demo_imagefolder(
-                    root / split, CLASSES, n_per_class=per_class[split], size=px, seed=seed
-                )
+                demo.make_target_imagefolder(root / split, per_class[split], px, seed=seed)
             except ConfigError:  # written meanwhile by another run
                 pass
     return Source(
         "demo",
         root / "train",
         root / "test",
-        f"generated DEMO images at {root} ({2 * per_class['train']} train / "
-        f"{2 * per_class['test']} test, ~{px} px; coloured shapes named {CLASSES}, "
-        "not d2l's hot-dog photos)",
+        f"generated DEMO target task at {root} ({2 * per_class['train']} train / "
+        f"{2 * per_class['test']} test, {px} px): {CLASSES[0]} = a sausage lying in a bun, "
+        f"{CLASSES[1]} = another shape on another base, random colours in both; "
+        "not d2l's hot-dog photos",
         CLASSES,
     )
 
@@ -266,6 +300,119 @@ def demo_weights(num_classes: int) -> Weights:
     return Weights("demo", variables, note + _fc_note(reinit, num_classes))
 
 
+def pretrain_key(settings: Settings, pretrain: Pretrain) -> str:
+    """Names the cached pretrained network: any change to what made it gives a new name."""
+    spec = {
+        "arch": ARCH,
+        "generator": demo.GENERATOR_VERSION,
+        "primitives": demo.PRIMITIVES,
+        "image_size": settings.image_size,
+        **dataclasses.asdict(pretrain),
+    }
+    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def pretrain_on_source(settings: Settings, pretrain: Pretrain, say, tag: str) -> dict:
+    """ResNet-18 trained on the generated source task: its variables and its history."""
+    import optax
+
+    num_classes = len(demo.PRIMITIVES)
+    model = jt.models.create(ARCH, num_classes=num_classes)
+    rounds = max(1, min(pretrain.rounds, pretrain.steps))
+    steps_per_round = math.ceil(pretrain.steps / rounds)
+    steps = rounds * steps_per_round
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, pretrain.lr, max(1, steps // 10), steps, end_value=pretrain.lr / 100
+    )
+    say(
+        f"{tag}pretraining on the SOURCE task ({SOURCE_TASK}: "
+        f"{', '.join(demo.PRIMITIVES)}; random colours, sizes and places): {steps} steps of "
+        f"{pretrain.batch_size} fresh images at {settings.image_size} px, Adam lr "
+        f"{pretrain.lr:g} warmup-cosine, mean loss; test acc on {pretrain.eval_count} held-out "
+        f"source images after each of {rounds} rounds (chance {1 / num_classes:.3f})"
+    )
+    state, history = fit.fit(
+        model,
+        scratch_variables(num_classes, pretrain.seed),
+        partition.rules(ARCH, default=1.0),
+        demo.SourceStream(pretrain.seed, steps_per_round, pretrain.batch_size, settings.image_size),
+        demo.source_eval_batches(pretrain.seed, pretrain.eval_count, settings.image_size),
+        learning_rate=schedule,
+        optimizer="adam",
+        epochs=rounds,
+        loss_reduction="mean",
+        bn_policy="train",
+        seed=pretrain.seed,
+        desc=f"{tag}pretrain (source: shapes)",
+        log=lambda line: say(line.replace(": epoch ", ": round ", 1)),
+    )
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return {"variables": variables, "history": history, "steps": steps}
+
+
+def source_task_weights(
+    settings: Settings, pretrain: Pretrain, num_classes: int, say, tag: str
+) -> tuple[Weights, dict]:
+    """The fine-tune run's start offline: pretrained on the source task, via torchvision.
+
+    The network is kept as a torchvision state_dict (`porting.to_torchvision`, `torch.save`)
+    and loaded back with `porting.load_pretrained(path)`, the path a downloaded ImageNet file
+    takes, so the demo runs the porting code too. It is cached under the hash of its
+    settings; the folder is written whole, then renamed into place.
+    """
+    import torch
+
+    key = pretrain_key(settings, pretrain)
+    folder = download.cache_dir() / "demo" / f"resnet18-shapes-{key}"
+    path = folder / "resnet18-shapes.pth"
+    cached = path.is_file() and (folder / "pretrain.json").is_file()
+    if cached:
+        info = json.loads((folder / "pretrain.json").read_text())
+    else:
+        start = time.perf_counter()
+        result = pretrain_on_source(settings, pretrain, say, tag)
+        info = {
+            "source_task": SOURCE_TASK,
+            "classes": list(demo.PRIMITIVES),
+            "settings": dataclasses.asdict(pretrain),
+            "image_size": settings.image_size,
+            "steps": result["steps"],
+            "history": result["history"],
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+        try:
+            torch.save(porting.to_torchvision(result["variables"], ARCH), staging / path.name)
+            (staging / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
+            staging.chmod(0o755)
+            os.replace(staging, folder)
+        except OSError:
+            if not path.is_file():  # not a race lost to another run writing the same network
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    source_acc = info["history"][-1]["test_acc"]
+    how = (
+        f"from the cache, pretrained by an earlier run in {info['seconds']:.0f}s"
+        if cached
+        else f"pretrained now in {info['seconds']:.0f}s"
+    )
+    say(
+        f"{tag}source-task network ({how}): test acc {_fmt(source_acc)} on held-out source "
+        f"images after {info['steps']} steps; a torchvision state_dict at {path} (delete its "
+        "folder to pretrain again)"
+    )
+    variables, reinit = _port(str(path), num_classes)
+    note = (
+        f"DEMO weights: ResNet-18 pretrained here on the generated SOURCE task ({SOURCE_TASK}), "
+        f"saved with porting.to_torchvision + torch.save ({path}) and loaded back with "
+        "porting.from_torchvision; NOT ImageNet-pretrained"
+    )
+    record = {"cached": cached, "checkpoint": str(path), "key": key, **info}
+    return Weights("source-task", variables, note + _fc_note(reinit, num_classes)), record
+
+
 def scratch_variables(num_classes: int, seed: int = 0) -> Any:
     """d2l's scratch net: a fresh torchvision resnet18 with a new fc, ported.
 
@@ -301,13 +448,17 @@ def offline_paragraph(failures: list[Failure], source: Source | None, weights) -
         imagenet = weights.kind == "imagenet"
         real.append("the ImageNet weights are real" if imagenet else "your weights are used")
     if source is None:
-        demo = ["generated DEMO images instead of hot-dog photos"]
+        then = "This run continues with a DEMO of the recipe on generated images"
         if weights is None:
-            demo.append("a randomly initialised ResNet-18 instead of the ImageNet weights")
-        then = (
-            f"This run continues with the same recipe on {' and '.join(demo)}: a DEMO of the "
-            "pipeline whose numbers are NOT the d2l result."
-        )
+            then += (
+                ": in place of the ImageNet weights it pretrains ResNet-18 on a generated "
+                f"source task ({SOURCE_TASK}; cached after the first run), then fine-tunes it "
+                "on a generated hot-dog task made of the same shapes, against training from "
+                "scratch"
+            )
+        else:
+            then += " instead of hot-dog photos"
+        then += "; its numbers are NOT the d2l result."
     else:
         then = (
             "The fine-tune run continues from a randomly initialised ResNet-18 instead of the "
@@ -331,6 +482,8 @@ def not_d2l_reasons(run: str, source: Source, weights: Weights, settings: Settin
         reasons.append("the data is not d2l's hot-dog set")
     if run == "fine-tune" and weights.kind == "demo":
         reasons.append("random weights, not ImageNet-pretrained")
+    elif run == "fine-tune" and weights.kind == "source-task":
+        reasons.append("pretrained on a generated source task of shapes, not on ImageNet")
     elif run == "fine-tune" and weights.kind == "local":
         reasons.append("the weights are not torchvision's IMAGENET1K_V1 file")
     changed = [
@@ -428,10 +581,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--demo-per-class", type=int, nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--pretrain-steps", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.demo and args.data_dir:
         p.error("--demo runs on generated images; drop --data-dir, or --demo to use your data")
-    for name in ("epochs", "batch_size", "image_size", "workers"):
+    for name in ("epochs", "batch_size", "image_size", "workers", "pretrain_steps"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "workers" else 1):
             p.error(f"--{name.replace('_', '-')} must be positive")
@@ -447,6 +601,7 @@ class Plan:
     settings: Settings
     failures: list[Failure]
     workers: int
+    pretrain: dict | None = None  # the source-task pretraining of the offline demo
 
     @property
     def demo(self) -> bool:
@@ -491,26 +646,48 @@ def resolve(args: argparse.Namespace, say) -> Plan:
         if args.demo_per_class:
             per_class = dict(zip(("train", "test"), args.demo_per_class, strict=True))
         source = demo_source(settings, per_class)
-    if weights is None:
+    pretrained = None
+    if weights is None and source.kind == "demo":
+        pretrain = DEMO_PRETRAIN
+        if args.pretrain_steps:
+            pretrain = dataclasses.replace(pretrain, steps=args.pretrain_steps)
+        weights, pretrained = source_task_weights(settings, pretrain, num_classes, say, "DEMO | ")
+    elif weights is None:
+        # Real photos without the ImageNet weights: shapes at a few tens of pixels would
+        # teach nothing about photos, so the fine-tune run starts from random weights.
         weights = demo_weights(num_classes)
     workers = args.workers
     if workers is None:
         workers = 0 if source.kind == "demo" else max(0, min(8, (os.cpu_count() or 1) - 1))
-    return Plan(source, weights, settings, failures, workers)
+    return Plan(source, weights, settings, failures, workers, pretrained)
 
 
 def describe(plan: Plan, say) -> None:
     s, tag = plan.settings, plan.tag
     say(f"{tag}data: {plan.source.note}")
     say(f"{tag}weights (fine-tune run): {plan.weights.note}")
+    rates = ""
+    if s.batch_size != D2L.batch_size and (s.lr, s.scratch_lr) == (D2L.lr, D2L.scratch_lr):
+        rates = (
+            f" (d2l's rates: with the loss summed, each example moves the weights as much at "
+            f"batch {s.batch_size} as at d2l's {D2L.batch_size})"
+        )
     say(
         f"{tag}settings: {ARCH}, {s.epochs} epochs, batch {s.batch_size}, {s.image_size} px "
         f"crops, SGD (no momentum), weight decay {s.weight_decay:g}, summed loss, BatchNorm in "
-        f"train mode; fine-tune lr {s.lr:g} (fc x{s.head_lr_mult:g}), scratch lr "
-        f"{s.scratch_lr:g}; {plan.workers} loader workers"
+        f"train mode, new fc with a Xavier-uniform weight; fine-tune lr {s.lr:g} (fc "
+        f"x{s.head_lr_mult:g}), scratch lr {s.scratch_lr:g}{rates}; {plan.workers} loader "
+        "workers"
     )
     if plan.demo:
         say(f"{tag}these numbers come from generated images: they are NOT the d2l result.")
+    if plan.weights.kind == "source-task":
+        train_count = len(data.ImageFolder(plan.source.train))
+        say(
+            f"{tag}the lesson, as in d2l: the fine-tune run starts from features learned on "
+            f"the source task ({SOURCE_TASK}); the scratch run has to learn the shapes from "
+            f"the {train_count} target training images alone."
+        )
     if plan.weights.kind == "demo":
         say(
             f"{plan.run_tag('fine-tune')}without the ImageNet weights the fine-tune run starts "
@@ -597,13 +774,20 @@ def run(args: argparse.Namespace, say) -> dict:
     stem = "demo_hotdog" if plan.demo else "hotdog"  # a demo never overwrites a real result
     plot_path, json_path = out / f"{stem}.png", out / f"{stem}_history.json"
     title = "d2l hot-dog recipe: ResNet-18 fine-tune vs scratch"
-    if plan.demo:
+    if plan.demo and plan.weights.kind == "source-task":
+        title = (
+            "DEMO on generated images, NOT the d2l result: ResNet-18 pretrained on a generated "
+            f"source task ({SOURCE_TASK}),\nfine-tuned on a generated hot dog / not task, vs "
+            "training from scratch"
+        )
+    elif plan.demo:
         title = "DEMO on generated images, not the d2l result: ResNet-18 fine-tune vs scratch"
     elif plan.weights.kind == "demo":
         title += " (fine-tune from DEMO random weights)"
     curves = {name: r["history"] for name, r in runs.items()}
-    if plan.weights.kind == "demo" and "fine-tune" in curves:
-        curves = {f"{k} (random weights)" if k == "fine-tune" else k: v for k, v in curves.items()}
+    label = {"demo": "random weights", "source-task": "pretrained on shapes"}.get(plan.weights.kind)
+    if label and "fine-tune" in curves:
+        curves = {f"{k} ({label})" if k == "fine-tune" else k: v for k, v in curves.items()}
     save_plot(curves, plot_path, title)
     record = {
         "demo": plan.demo,
@@ -611,11 +795,19 @@ def run(args: argparse.Namespace, say) -> dict:
         "weights": {"kind": plan.weights.kind, "note": plan.weights.note},
         "settings": dataclasses.asdict(plan.settings),
         "offline": [f._asdict() for f in plan.failures],
+        "pretrain": plan.pretrain,
         "runs": runs,
     }
     json_path.write_text(json.dumps(record, indent=2) + "\n")
     for r in runs.values():
         say(r["summary"])
+    if plan.weights.kind == "source-task" and len(runs) == 2:
+        tuned, scratch = (runs[k]["history"][-1]["test_acc"] for k in ("fine-tune", "scratch"))
+        say(
+            f"{plan.tag}test acc after {plan.settings.epochs} epochs: fine-tune {_fmt(tuned)}, "
+            f"scratch {_fmt(scratch)}; the fine-tune run's lead, if any, is what the generated "
+            "source task taught (NOT the d2l result)"
+        )
     say(f"{plan.tag}plot: {plot_path}")
     say(f"{plan.tag}history: {json_path}")
     return record

@@ -1,7 +1,14 @@
-"""examples/hotdog.py end to end in a subprocess: local copies, and the offline DEMO."""
+"""examples/hotdog.py end to end in a subprocess: local copies, and the offline DEMO.
+
+The offline demo runs twice (seeds 0 and 1) in one module fixture, at a smaller size than
+its default (fewer pretraining steps and epochs, a smaller test set) so the module stays
+within a few minutes on 2 cores; the first run pretrains on the generated source task, the
+second must reuse that network from the cache.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -9,6 +16,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,6 +24,10 @@ from jtransfer import data
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "hotdog.py"
 TINY = ["--epochs", "1", "--batch-size", "8", "--image-size", "32"]
+# The demo at its default image size and batch, smaller elsewhere: 160 pretraining steps
+# still learn the source task well enough to transfer (the default is 200).
+DEMO_SMALL = ["--pretrain-steps", "160", "--epochs", "6", "--demo-per-class", "32", "50"]
+SOURCE_CLASSES = 12
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +125,30 @@ def test_local_data_and_weights_run_both_recipes(local_copies, env, tmp_path):
         assert 0 <= entry["test_acc"] <= 1 and entry["train_loss"] > 0
 
 
-def test_offline_says_what_failed_and_runs_the_labelled_demo(env, closed_port, tmp_path):
-    out = tmp_path / "out"
-    args = ["--out", str(out), "--skip-scratch", "--demo-per-class", "8", "4", *TINY]
-    lines = run_hotdog(args, env, tmp_path)
+@pytest.fixture(scope="module")
+def demo_runs(env, tmp_path_factory):
+    """The offline demo with seeds 0 then 1, sharing a cache that starts empty."""
+    env = {**env, "JTRANSFER_CACHE": str(tmp_path_factory.mktemp("demo_cache"))}
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path_factory.mktemp(f"demo_seed{seed}")
+        lines = run_hotdog(["--out", str(out), "--seed", str(seed), *DEMO_SMALL], env, out)
+        record = json.loads((out / "demo_hotdog_history.json").read_text())
+        checkpoint = Path(record["pretrain"]["checkpoint"])
+        runs.append(
+            SimpleNamespace(
+                lines=lines,
+                record=record,
+                out=out,
+                checkpoint_mtime=checkpoint.stat().st_mtime_ns,
+            )
+        )
+    return SimpleNamespace(env=env, runs=runs)
 
+
+def test_offline_says_what_failed_and_runs_the_labelled_demo(demo_runs, closed_port):
+    run = demo_runs.runs[0]
+    lines = run.lines
     offline = [line for line in lines if line.startswith("OFFLINE:")]
     assert len(offline) == 1, lines  # one paragraph, one line
     paragraph = offline[0]
@@ -125,26 +156,81 @@ def test_offline_says_what_failed_and_runs_the_labelled_demo(env, closed_port, t
     assert f"http://127.0.0.1:{closed_port}/models/resnet18-f37072fd.pth" in paragraph
     assert "--data-dir" in paragraph and "--weights" in paragraph
     assert "NOT the d2l result" in paragraph
+    assert "pretrains ResNet-18 on a generated source task" in paragraph
 
     after = lines[lines.index(paragraph) + 1 :]
     assert after and all(line.startswith("DEMO | ") for line in after), after
     text = "\n".join(after)
-    assert "porting.from_torchvision" in text and "NOT ImageNet-pretrained" in text
-    assert any(line.startswith("DEMO | settings: resnet18, 1 epochs, batch 8") for line in after)
-    assert any(line.startswith("DEMO | fine-tune: epoch 1/1: loss ") for line in after)
-    summary = next(line for line in after if "summary fine-tune" in line)
-    assert "NOT the d2l result" in summary and "0.941" not in summary
-    assert not any(line.startswith("DEMO | scratch") for line in after)  # --skip-scratch
+    assert "pretraining on the SOURCE task (which of 12 generated shapes" in text
+    assert "porting.to_torchvision + torch.save" in text and "porting.from_torchvision" in text
+    assert "NOT ImageNet-pretrained" in text
+    assert any(line.startswith("DEMO | pretrain (source: shapes): round 4/4: ") for line in after)
+    assert any(line.startswith("DEMO | settings: resnet18, 6 epochs, batch 16") for line in after)
+    assert "d2l's rates" in text and "fine-tune lr 5e-05 (fc x10), scratch lr 0.0005" in text
+    for name in ("fine-tune", "scratch"):
+        assert any(line.startswith(f"DEMO | {name}: epoch 6/6: loss ") for line in after)
+        summary = next(line for line in after if f"summary {name}" in line)
+        assert "NOT the d2l result" in summary and "0.941" not in summary
+    assert "pretrained on a generated source task of shapes, not on ImageNet" in text
 
-    assert (out / "demo_hotdog.png").read_bytes()[:4] == b"\x89PNG"
-    assert not (out / "hotdog.png").exists()  # a demo never writes over a real result
-    record = json.loads((out / "demo_hotdog_history.json").read_text())
-    assert record["demo"] is True and record["weights"]["kind"] == "demo"
+    assert (run.out / "demo_hotdog.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (run.out / "hotdog.png").exists()  # a demo never writes over a real result
+    record = run.record
+    assert record["demo"] is True and record["weights"]["kind"] == "source-task"
     assert [f["url"] for f in record["offline"]] == [
         f"http://127.0.0.1:{closed_port}/hotdog.zip",
         f"http://127.0.0.1:{closed_port}/models/resnet18-f37072fd.pth",
     ]
-    assert list(record["runs"]) == ["fine-tune"]
+    assert record["pretrain"]["classes"][9] == "sausage"
+
+
+def test_demo_fine_tune_beats_scratch_for_two_seeds(demo_runs):
+    """The recipe's lesson: the network pretrained on the source task transfers."""
+    finals = []
+    for run in demo_runs.runs:
+        # The source task was learned (chance is 1/12), so there were features to transfer.
+        assert run.record["pretrain"]["history"][-1]["test_acc"] > 0.5
+        final = {name: r["history"][-1] for name, r in run.record["runs"].items()}
+        assert final["fine-tune"]["test_count"] == 100 and final["fine-tune"]["epoch"] == 6
+        assert final["fine-tune"]["test_acc"] > final["scratch"]["test_acc"], final
+        finals.append(final)
+        comparison = next(line for line in run.lines if "test acc after 6 epochs" in line)
+        assert "NOT the d2l result" in comparison
+    # The seed reaches the runs (head, scratch init, crops, order): two seeds, two results.
+    losses = [{name: f["train_loss"] for name, f in final.items()} for final in finals]
+    assert losses[0]["fine-tune"] != losses[1]["fine-tune"]
+    assert losses[0]["scratch"] != losses[1]["scratch"]
+
+
+def test_pretrained_network_is_cached_as_a_torchvision_checkpoint(demo_runs):
+    import torch
+    import torchvision
+
+    first, second = (run.record["pretrain"] for run in demo_runs.runs)
+    assert first["cached"] is False and second["cached"] is True
+    assert first["checkpoint"] == second["checkpoint"] and first["key"] == second["key"]
+    assert any("pretraining on the SOURCE task" in line for line in demo_runs.runs[0].lines)
+    assert not any("pretraining on the SOURCE task" in line for line in demo_runs.runs[1].lines)
+    assert any("network (from the cache" in line for line in demo_runs.runs[1].lines)
+    assert demo_runs.runs[0].checkpoint_mtime == demo_runs.runs[1].checkpoint_mtime
+
+    state_dict = torch.load(first["checkpoint"], weights_only=True)
+    net = torchvision.models.resnet18(num_classes=SOURCE_CLASSES)
+    net.load_state_dict(state_dict, strict=True)
+    # Trained, not torchvision's initialisation: BatchNorm saw the source images.
+    assert not torch.all(state_dict["bn1.running_mean"] == 0)
+
+
+def test_demo_skip_scratch_starts_from_the_cached_network(demo_runs, tmp_path):
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--skip-scratch", *DEMO_SMALL, "--epochs", "1"]
+    lines = run_hotdog(args, demo_runs.env, tmp_path)
+    assert all(line.startswith("DEMO | ") for line in lines[1:]), lines
+    assert not any("pretraining on the SOURCE task" in line for line in lines)
+    assert any(line.startswith("DEMO | fine-tune: epoch 1/1: loss ") for line in lines)
+    assert not any(line.startswith("DEMO | scratch") for line in lines)  # --skip-scratch
+    record = json.loads((out / "demo_hotdog_history.json").read_text())
+    assert list(record["runs"]) == ["fine-tune"] and record["pretrain"]["cached"] is True
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +263,21 @@ def test_only_the_real_recipe_is_compared_with_d2l(hotdog, tmp_path):
 
     reasons = hotdog.not_d2l_reasons("scratch", demo, imagenet, hotdog.DEMO)
     assert reasons[0] == "generated demo images, not hot-dog photos"
-    assert "settings differ: epochs 3 (d2l: 5)" in reasons[1]
+    assert "settings differ: epochs 10 (d2l: 5)" in reasons[1]
+    shapes = hotdog.Weights("source-task", None, "pretrained on shapes")
+    reasons = hotdog.not_d2l_reasons("fine-tune", demo, shapes, hotdog.DEMO)
+    assert reasons[1] == "pretrained on a generated source task of shapes, not on ImageNet"
     line = hotdog.summary_line("scratch", history, reasons)
     assert "NOT the d2l result" in line and "publishes" not in line
+
+
+def test_the_pretrained_network_is_cached_under_its_settings(hotdog):
+    key = hotdog.pretrain_key(hotdog.DEMO, hotdog.DEMO_PRETRAIN)
+    assert key == hotdog.pretrain_key(hotdog.DEMO, hotdog.Pretrain())
+    changed = [
+        hotdog.pretrain_key(hotdog.DEMO, hotdog.Pretrain(steps=100)),
+        hotdog.pretrain_key(hotdog.DEMO, hotdog.Pretrain(seed=1)),
+        hotdog.pretrain_key(hotdog.DEMO, hotdog.Pretrain(lr=2e-3)),
+        hotdog.pretrain_key(dataclasses.replace(hotdog.DEMO, image_size=48), hotdog.DEMO_PRETRAIN),
+    ]
+    assert len({key, *changed}) == 5
