@@ -23,7 +23,8 @@ statistics' objects on each update where `Model` updates them in place.
   back.
 * `make_optimizer` is `partition.make_optimizer` over the module's params, as an
   `nnx.Optimizer`; `train_step` and `eval_step` are `nnx.jit`-compiled and share
-  `jtransfer.train`'s loss, BatchNorm policy and frozen prefix.
+  `jtransfer.train`'s loss, BatchNorm policy and frozen prefix; `make_train_step`
+  binds the train step to one module and optimizer, for less Python per step.
 * `training_state` / `load_training_state` turn a module and its optimizer into the
   pytree `jtransfer.checkpoint.Checkpointer` saves, and back.
 
@@ -254,13 +255,17 @@ def from_torchvision(
 
 
 def to_variables(module: Model) -> Variables:
-    """The module's Linen variables ``{"params", "batch_stats"}`` (a snapshot).
+    """A copy of the module's Linen variables ``{"params", "batch_stats"}``.
 
     For `porting.to_torchvision`, `jtransfer.features`, `jtransfer.checkpoint` or the
-    Linen model ``module.linen.apply``. The arrays are the module's own; `train_step`
-    does not donate them, so the snapshot stays valid as training goes on.
+    Linen model ``module.linen.apply``. A copy, because the train steps donate the
+    module's own arrays: it stays valid as training goes on.
     """
-    return _linen_variables(_check_module(module, "to_variables"))
+    return _copy(_linen_variables(_check_module(module, "to_variables")))
+
+
+def _copy(tree: Any) -> Any:
+    return jax.tree.map(jnp.copy, tree)
 
 
 # ---------------------------------------------------------------------------
@@ -305,7 +310,10 @@ def train_step(
 
     The loss, BatchNorm policy and frozen prefix are `jtransfer.train.make_train_step`'s
     (its ``_loss_fn``), whatever mode the module is in: this step runs the model in
-    training mode.
+    training mode. It donates the module's and optimizer's arrays, as the Linen step
+    donates its state: an array read out of them before the step
+    (``module.fc["kernel"][...]``) is deleted by it, while `to_variables` and
+    `training_state` give copies, which stay valid.
 
     Args:
         module: a `Model`.
@@ -326,18 +334,61 @@ def train_step(
     Raises:
         ConfigError: an unknown option, or more frozen stages than the model has.
     """
-    _check_module(module, "train_step")
-    train._check_options(module.linen, loss_reduction, bn_policy, frozen_stages)
-    if not isinstance(optimizer, nnx.Optimizer):
-        raise ConfigError(
-            f"train_step takes an nnx.Optimizer, got {type(optimizer).__name__}; make one "
-            "with jtransfer.nnx.make_optimizer(module, rules, learning_rate=...)"
-        )
+    _check_step(module, optimizer, loss_reduction, bn_policy, frozen_stages, "train_step")
     return _train_step(module, optimizer, batch, loss_reduction, bn_policy, frozen_stages)
 
 
-@functools.partial(nnx.jit, static_argnums=(3, 4, 5), graph=False)
-def _train_step(module, optimizer, batch, loss_reduction, bn_policy, frozen_stages):
+def make_train_step(
+    module: Model,
+    optimizer: nnx.Optimizer,
+    *,
+    loss_reduction: str = "sum",
+    bn_policy: str = "train",
+    frozen_stages: train.FrozenStages = 0,
+) -> Callable[[Batch], Metrics]:
+    """`train_step` bound to one module and optimizer: ``step(batch) -> metrics``.
+
+    The same compiled computation with less Python per call: the module and optimizer
+    are flattened once, here (``nnx.jit_partial``), where `train_step` walks them at
+    every call (docs/performance.md has the difference). Their variables still update
+    in place, so `to_variables`, `training_state` and `load_training_state` work as
+    with `train_step`; their structure must not change while the step is in use.
+
+    Args:
+        module: a `Model`.
+        optimizer: from `make_optimizer` on this module.
+        loss_reduction: as for `train_step`.
+        bn_policy: as for `train_step`.
+        frozen_stages: as for `train_step`.
+
+    Returns:
+        The jitted step, updating `module` and `optimizer` in place.
+
+    Raises:
+        ConfigError: an unknown option, or more frozen stages than the model has.
+    """
+    _check_step(module, optimizer, loss_reduction, bn_policy, frozen_stages, "make_train_step")
+    body = functools.partial(
+        _train_step_body,
+        loss_reduction=loss_reduction,
+        bn_policy=bn_policy,
+        frozen_stages=frozen_stages,
+    )
+    # Argument 0 of the jitted function is the list of bound module and optimizer arrays.
+    return nnx.jit_partial(body, module, optimizer, donate_argnums=0, graph=False)
+
+
+def _check_step(module, optimizer, loss_reduction, bn_policy, frozen_stages, what) -> None:
+    _check_module(module, what)
+    train._check_options(module.linen, loss_reduction, bn_policy, frozen_stages)
+    if not isinstance(optimizer, nnx.Optimizer):
+        raise ConfigError(
+            f"{what} takes an nnx.Optimizer, got {type(optimizer).__name__}; make one "
+            "with jtransfer.nnx.make_optimizer(module, rules, learning_rate=...)"
+        )
+
+
+def _train_step_body(module, optimizer, batch, loss_reduction, bn_policy, frozen_stages):
     fs = frozen_stages
     if callable(fs):
         # The Linen step evaluates the schedule at its int32 step; this one counts updates.
@@ -356,6 +407,14 @@ def _train_step(module, optimizer, batch, loss_reduction, bn_policy, frozen_stag
     grads, metrics = nnx.grad(loss, has_aux=True)(module)
     optimizer.update(module, grads)
     return metrics
+
+
+# Tree mode (graph=False): NNX's cheaper call path; a Model shares no Variable objects.
+# Donated as the Linen step donates its state: the step writes every parameter (a frozen
+# one too, unchanged), and without donation each write would be a copy.
+_train_step = nnx.jit(
+    _train_step_body, static_argnums=(3, 4, 5), donate_argnums=(0, 1), graph=False
+)
 
 
 def eval_step(module: Model, batch: Batch) -> Metrics:
@@ -398,16 +457,15 @@ def training_state(module: Model, optimizer: nnx.Optimizer) -> dict[str, Any]:
         optimizer: its optimizer.
 
     Returns:
-        The pytree (the module's and optimizer's own arrays).
+        The pytree: copies, which later (donating) train steps leave valid.
     """
-    variables = to_variables(module)
     return {
-        "step": optimizer.step[...],
-        **variables,
-        "opt_state": nnx.as_pure(optimizer.opt_state),
+        "step": jnp.copy(optimizer.step[...]),
+        **to_variables(module),
+        "opt_state": _copy(nnx.as_pure(optimizer.opt_state)),
         "rng": {  # raw key bits: Orbax saves uint32 arrays, not typed PRNG keys
             "key": jax.random.key_data(module.rngs.dropout.key[...]),
-            "count": module.rngs.dropout.count[...],
+            "count": jnp.copy(module.rngs.dropout.count[...]),
         },
     }
 
@@ -452,6 +510,7 @@ __all__ = [
     "from_variables",
     "load_training_state",
     "make_optimizer",
+    "make_train_step",
     "to_variables",
     "train_step",
     "training_state",
