@@ -82,7 +82,7 @@ D2L = Settings()
 # d2l's rates at batch 16: with the loss summed, each example moves the weights as much as
 # in d2l's batches of 128. The small training set is the point: it is what makes pretrained
 # features matter; the larger test set keeps its accuracy from jumping by whole images.
-DEMO = Settings(epochs=10, batch_size=16, image_size=32)
+DEMO = Settings(epochs=8, batch_size=16, image_size=32)
 DEMO_PER_CLASS = {"train": 32, "test": 100}
 
 
@@ -95,7 +95,7 @@ class Pretrain:
     each on freshly drawn images. `rounds` is how often the source test accuracy is printed.
     """
 
-    steps: int = 200
+    steps: int = 160
     rounds: int = 4
     batch_size: int = 64
     lr: float = 1e-3
@@ -653,8 +653,9 @@ def resolve(args: argparse.Namespace, say) -> Plan:
             pretrain = dataclasses.replace(pretrain, steps=args.pretrain_steps)
         weights, pretrained = source_task_weights(settings, pretrain, num_classes, say, "DEMO | ")
     elif weights is None:
-        # Real photos without the ImageNet weights: shapes at a few tens of pixels would
-        # teach nothing about photos, so the fine-tune run starts from random weights.
+        # Real photos without the ImageNet weights: the shapes network is made for the
+        # generated target task, not for photos, so the fine-tune run starts from random
+        # weights and its lines say so.
         weights = demo_weights(num_classes)
     workers = args.workers
     if workers is None:

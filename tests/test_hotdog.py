@@ -1,9 +1,8 @@
 """examples/hotdog.py end to end in a subprocess: local copies, and the offline DEMO.
 
-The offline demo runs twice (seeds 0 and 1) in one module fixture, at a smaller size than
-its default (fewer pretraining steps and epochs, a smaller test set) so the module stays
-within a few minutes on 2 cores; the first run pretrains on the generated source task, the
-second must reuse that network from the cache.
+The offline demo runs twice, as users run it (its default sizes) but with seeds 0 and 1, in
+one module fixture: the first run pretrains on the generated source task, the second must
+reuse that network from the cache. About two and a half minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -24,9 +23,6 @@ from jtransfer import data
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "hotdog.py"
 TINY = ["--epochs", "1", "--batch-size", "8", "--image-size", "32"]
-# The demo at its default image size and batch, smaller elsewhere: 160 pretraining steps
-# still learn the source task well enough to transfer (the default is 200).
-DEMO_SMALL = ["--pretrain-steps", "160", "--epochs", "6", "--demo-per-class", "32", "50"]
 SOURCE_CLASSES = 12
 
 
@@ -132,7 +128,7 @@ def demo_runs(env, tmp_path_factory):
     runs = []
     for seed in (0, 1):
         out = tmp_path_factory.mktemp(f"demo_seed{seed}")
-        lines = run_hotdog(["--out", str(out), "--seed", str(seed), *DEMO_SMALL], env, out)
+        lines = run_hotdog(["--out", str(out), "--seed", str(seed)], env, out)
         record = json.loads((out / "demo_hotdog_history.json").read_text())
         checkpoint = Path(record["pretrain"]["checkpoint"])
         runs.append(
@@ -165,10 +161,10 @@ def test_offline_says_what_failed_and_runs_the_labelled_demo(demo_runs, closed_p
     assert "porting.to_torchvision + torch.save" in text and "porting.from_torchvision" in text
     assert "NOT ImageNet-pretrained" in text
     assert any(line.startswith("DEMO | pretrain (source: shapes): round 4/4: ") for line in after)
-    assert any(line.startswith("DEMO | settings: resnet18, 6 epochs, batch 16") for line in after)
+    assert any(line.startswith("DEMO | settings: resnet18, 8 epochs, batch 16") for line in after)
     assert "d2l's rates" in text and "fine-tune lr 5e-05 (fc x10), scratch lr 0.0005" in text
     for name in ("fine-tune", "scratch"):
-        assert any(line.startswith(f"DEMO | {name}: epoch 6/6: loss ") for line in after)
+        assert any(line.startswith(f"DEMO | {name}: epoch 8/8: loss ") for line in after)
         summary = next(line for line in after if f"summary {name}" in line)
         assert "NOT the d2l result" in summary and "0.941" not in summary
     assert "pretrained on a generated source task of shapes, not on ImageNet" in text
@@ -191,10 +187,10 @@ def test_demo_fine_tune_beats_scratch_for_two_seeds(demo_runs):
         # The source task was learned (chance is 1/12), so there were features to transfer.
         assert run.record["pretrain"]["history"][-1]["test_acc"] > 0.5
         final = {name: r["history"][-1] for name, r in run.record["runs"].items()}
-        assert final["fine-tune"]["test_count"] == 100 and final["fine-tune"]["epoch"] == 6
+        assert final["fine-tune"]["test_count"] == 200 and final["fine-tune"]["epoch"] == 8
         assert final["fine-tune"]["test_acc"] > final["scratch"]["test_acc"], final
         finals.append(final)
-        comparison = next(line for line in run.lines if "test acc after 6 epochs" in line)
+        comparison = next(line for line in run.lines if "test acc after 8 epochs" in line)
         assert "NOT the d2l result" in comparison
     # The seed reaches the runs (head, scratch init, crops, order): two seeds, two results.
     losses = [{name: f["train_loss"] for name, f in final.items()} for final in finals]
@@ -223,7 +219,7 @@ def test_pretrained_network_is_cached_as_a_torchvision_checkpoint(demo_runs):
 
 def test_demo_skip_scratch_starts_from_the_cached_network(demo_runs, tmp_path):
     out = tmp_path / "out"
-    args = ["--out", str(out), "--skip-scratch", *DEMO_SMALL, "--epochs", "1"]
+    args = ["--out", str(out), "--skip-scratch", "--epochs", "1"]
     lines = run_hotdog(args, demo_runs.env, tmp_path)
     assert all(line.startswith("DEMO | ") for line in lines[1:]), lines
     assert not any("pretraining on the SOURCE task" in line for line in lines)
@@ -263,7 +259,7 @@ def test_only_the_real_recipe_is_compared_with_d2l(hotdog, tmp_path):
 
     reasons = hotdog.not_d2l_reasons("scratch", demo, imagenet, hotdog.DEMO)
     assert reasons[0] == "generated demo images, not hot-dog photos"
-    assert "settings differ: epochs 10 (d2l: 5)" in reasons[1]
+    assert "settings differ: epochs 8 (d2l: 5)" in reasons[1]
     shapes = hotdog.Weights("source-task", None, "pretrained on shapes")
     reasons = hotdog.not_d2l_reasons("fine-tune", demo, shapes, hotdog.DEMO)
     assert reasons[1] == "pretrained on a generated source task of shapes, not on ImageNet"
