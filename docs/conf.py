@@ -50,3 +50,21 @@ html_title = "jtransfer"
 html_theme_options = {
     "show_toc_level": 2,
 }
+# Napoleon's "Attributes:" as fields, not as attribute entries: Flax modules are dataclasses,
+# whose fields autodoc documents already.
+napoleon_use_ivar = True
+
+
+def _skip_reexported_classes(app, what, name, obj, skip, options):
+    """A class re-exported by a package (`porting.PortingError`) is documented where it is
+    defined only, so a `Raises: PortingError` names one target, not two."""
+    if skip or not isinstance(obj, type):
+        return None
+    module = getattr(app.env, "temp_data", {}).get("autodoc:module")
+    if module and getattr(obj, "__module__", module) != module and what == "module":
+        return True
+    return None
+
+
+def setup(app):
+    app.connect("autodoc-skip-member", _skip_reexported_classes)
