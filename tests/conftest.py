@@ -17,7 +17,7 @@ faster than jtransfer's CPU forms (`jtransfer.models.conv`). Every other module
 runs the default forms (the variable is removed for it): the parity,
 training-parity, float64 recipe (not its wrong-recipe checks), model, convolution,
 Winograd and hot-dog end-to-end tests. With this, the order below and
-test_parity's two sizes the suite went from 17:53 to 13:18 on the 2-core machine.
+test_parity's two sizes the suite runs in well under CI's time on 2 cores.
 
 Order: the longest files are collected first, so that `-n 2 --dist loadfile`
 hands them out first and the short ones fill in around them (`_FIRST`).
