@@ -34,19 +34,24 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import re
 import shutil
 import socket
 import stat
+import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO
 
 from tqdm.auto import tqdm
 
+from jtransfer import _lockfile
 from jtransfer.errors import DataError, DownloadError
 
 __all__ = ["cache_dir", "fetch", "file_hashes", "safe_extract_zip"]
@@ -115,9 +120,18 @@ def fetch(
 ) -> Path:
     """Downloads ``url`` to ``dest`` unless it is already there, verifying its checksum.
 
-    The file is written to a temporary file beside ``dest`` and renamed into place only after
-    its checksum matched, so ``dest`` never holds a partial or corrupt download, whatever
-    interrupts the transfer (including Ctrl-C).
+    The file is written to a temporary file beside ``dest`` (``.NAME.part``) and renamed into
+    place only after its checksum matched, so ``dest`` never holds a partial or corrupt
+    download, whatever interrupts the transfer (including Ctrl-C, which removes the
+    temporary file).
+
+    Processes that fetch the same ``dest`` at once (two jobs starting together) download it
+    once: the first takes a lock file beside it (``.NAME.lock``: host, pid, URL), the others
+    wait for it and then use its verified file. A download killed outright (SIGKILL, the OOM
+    killer, a lost machine) leaves its ``.part`` and its lock; the next fetch takes over the
+    lock (its holder's pid is gone, or on another host the lock went unrefreshed for a
+    minute or more) and continues the ``.part`` where the server supports HTTP ranges, or
+    starts afresh where it does not; the checksum covers the joined file.
 
     Args:
         url: what to download (``http(s)://`` or ``file://``).
@@ -137,22 +151,63 @@ def fetch(
     """
     dest = Path(dest)
     if dest.exists():
-        problem = _checksum_problem(*file_hashes(dest), sha1, sha256_prefix)
-        if problem is not None:
-            dest.unlink()
-            raise DownloadError(
-                f"The cached file {dest} does not match its checksum ({problem}); it has been "
-                f"removed. Run again to download it afresh from {url}."
-            )
-        return dest
-
+        return _verified_cache(dest, url, sha1, sha256_prefix)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
+    lock = _lockfile.LockFile(
+        dest.with_name(f".{dest.name}.lock"),
+        command=f"download of {url}",
+        stale_after_s=max(_STALE_MIN_S, 4 * timeout),
+    )
+    _wait_for(lock, f"downloading {dest}", progress)
     try:
-        with os.fdopen(fd, "wb") as out:
+        if dest.exists():  # downloaded by the process we waited for
+            return _verified_cache(dest, url, sha1, sha256_prefix)
+        _download_locked(url, dest, lock, sha1, sha256_prefix, timeout, progress)
+    finally:
+        lock.release()
+    return dest
+
+
+# A download refreshes its lock file at least this often; a waiter on another host takes
+# the lock over once it has gone unrefreshed for _STALE_MIN_S (or 4 timeouts, if longer).
+_TOUCH_S = 2.0
+_STALE_MIN_S = 60.0
+
+
+def _wait_for(lock: _lockfile.LockFile, what: str, progress: bool) -> None:
+    """Takes `lock`, waiting while another live process holds it (saying so once)."""
+    told, pause = False, 0.05
+    while (holder := lock.acquire()) is not None:
+        if not told and progress:
+            print(f"waiting for another process {what}: {holder.describe()}", file=sys.stderr)
+        told = True
+        time.sleep(pause)
+        pause = min(2 * pause, 1.0)
+
+
+def _verified_cache(dest: Path, url: str, sha1: str | None, sha256_prefix: str | None) -> Path:
+    problem = _checksum_problem(*file_hashes(dest), sha1, sha256_prefix)
+    if problem is not None:
+        dest.unlink(missing_ok=True)
+        raise DownloadError(
+            f"The cached file {dest} does not match its checksum ({problem}); it has been "
+            f"removed. Run again to download it afresh from {url}."
+        )
+    return dest
+
+
+def _download_locked(url, dest: Path, lock, sha1, sha256_prefix, timeout, progress) -> None:
+    """The download itself, under `lock`: into ``.NAME.part`` (continued if one was left)."""
+    tmp = dest.with_name(f".{dest.name}.part")
+    try:
+        with open(tmp, "a+b") as out:
             got_sha1, got_sha256 = _download_to(
-                url, out, desc=dest.name, timeout=timeout, progress=progress
+                url,
+                out,
+                desc=dest.name,
+                timeout=timeout,
+                progress=progress,
+                on_chunk=_throttled(lock.touch, _TOUCH_S),
             )
         problem = _checksum_problem(got_sha1, got_sha256, sha1, sha256_prefix)
         if problem is not None:
@@ -174,7 +229,18 @@ def fetch(
         # Includes KeyboardInterrupt: a half-written temp file must never outlive the call.
         tmp.unlink(missing_ok=True)
         raise
-    return dest
+
+
+def _throttled(fn: Callable[[], None], every_s: float) -> Callable[[], None]:
+    last = [0.0]
+
+    def call() -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s:
+            last[0] = now
+            fn()
+
+    return call
 
 
 def _reason(error: BaseException) -> str:
@@ -186,22 +252,62 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
+def _open(url: str, have: int, timeout: float):
+    """The response to a GET of `url`, asking for the bytes from `have` on if `have` > 0."""
+    headers = {"User-Agent": "jtransfer"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        return urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if have and e.code == 416:  # the partial file is not a prefix of this one: restart
+            return _open(url, 0, timeout)
+        raise
+
+
+def _continues_at(response, have: int) -> bool:
+    """True if `response` is the rest of the file from byte `have` (HTTP 206 from there)."""
+    if not have or getattr(response, "status", None) != 206:
+        return False
+    match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+    return bool(match) and int(match.group(1)) == have
+
+
 def _download_to(
-    url: str, out: BinaryIO, *, desc: str, timeout: float, progress: bool
+    url: str,
+    out: BinaryIO,
+    *,
+    desc: str,
+    timeout: float,
+    progress: bool,
+    on_chunk: Callable[[], None] | None = None,
 ) -> tuple[str, str]:
     """Streams ``url`` into the open binary file ``out``, hashing as it goes.
 
+    If ``out`` (opened ``a+b``) already holds the start of the file, a server that supports
+    ranges sends only the rest; otherwise ``out`` is emptied and the whole file fetched.
+
     Returns:
-        ``(sha1_hex, sha256_hex)`` of the bytes written.
+        ``(sha1_hex, sha256_hex)`` of the whole file.
     """
     sha1, sha256 = hashlib.sha1(), hashlib.sha256()
-    request = urllib.request.Request(url, headers={"User-Agent": "jtransfer"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    have = out.seek(0, os.SEEK_END)
+    with _open(url, have, timeout) as response:
+        out.seek(0)
+        if _continues_at(response, have):
+            while chunk := out.read(_CHUNK):
+                sha1.update(chunk)
+                sha256.update(chunk)
+        else:
+            out.truncate()
+            have = 0
         length = response.headers.get("Content-Length")
-        total = int(length) if length and length.isdigit() else None
-        received = 0
+        total = have + int(length) if length and length.isdigit() else None
+        received = have
         with tqdm(
             total=total,
+            initial=have,
             unit="B",
             unit_scale=True,
             unit_divisor=1024,
@@ -214,6 +320,8 @@ def _download_to(
                 sha256.update(chunk)
                 received += len(chunk)
                 bar.update(len(chunk))
+                if on_chunk is not None:
+                    on_chunk()
     if total is not None and received != total:
         # A server that closes early is a network failure, not a checksum surprise.
         raise http.client.IncompleteRead(b"", total - received)
@@ -278,6 +386,12 @@ def safe_extract_zip(zip_path: str | os.PathLike[str], target_dir: str | os.Path
                         "you trust."
                     )
             target.mkdir(parents=True, exist_ok=True)
+            # Two processes extracting into one target would rename over each other's
+            # trees: one at a time (the second re-extracts the same archive, harmlessly).
+            lock = _lockfile.LockFile(
+                target / ".jtransfer-extract.lock", command=f"extraction of {zip_path}"
+            )
+            _wait_for(lock, f"extracting into {target}", progress=True)
             staging = Path(tempfile.mkdtemp(dir=target, prefix=".extract-"))
             try:
                 for info in infos:
@@ -285,6 +399,7 @@ def safe_extract_zip(zip_path: str | os.PathLike[str], target_dir: str | os.Path
                 _move_children(staging, target)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
+                lock.release()
     except FileNotFoundError as e:
         raise DataError(f"Zip archive {zip_path} does not exist: {e}.") from e
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:

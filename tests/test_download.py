@@ -5,10 +5,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import json
 import os
 import socket
 import stat
+import subprocess
+import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -243,3 +247,106 @@ def test_safe_extract_zip_bad_crc_leaves_no_partial_tree(tmp_path):
 def test_safe_extract_zip_missing_archive(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         download.safe_extract_zip(tmp_path / "nope.zip", tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------ two at once
+
+
+class _SlowHandler(http.server.BaseHTTPRequestHandler):
+    """Sends PAYLOAD in 64 KiB pieces, honouring "Range: bytes=N-"; after the first piece it
+    waits for ``server.go`` (a threading.Event), so a test controls when a download ends.
+
+    Every GET's Range header (None without one) is appended to ``server.gets``.
+    """
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        rng = self.headers.get("Range")
+        self.server.gets.append(rng)
+        start = int(rng.removeprefix("bytes=").rstrip("-")) if rng else 0
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
+        self.send_header("Content-Length", str(len(PAYLOAD) - start))
+        self.end_headers()
+        for i in range(start, len(PAYLOAD), 64 * 1024):
+            self.wfile.write(PAYLOAD[i : i + 64 * 1024])
+            self.wfile.flush()
+            self.server.go.wait(timeout=60)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def slow_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowHandler)
+    server.gets, server.go = [], threading.Event()
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield server, f"http://127.0.0.1:{server.server_address[1]}/file.bin"
+    finally:
+        server.go.set()
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+_FETCH = "import sys; from jtransfer.download import fetch; fetch(*sys.argv[1:3], sha1=sys.argv[3])"
+
+
+def test_two_processes_fetching_one_file_download_it_once(slow_server, tmp_path):
+    server, url = slow_server
+    dest = tmp_path / "cache" / "file.bin"
+
+    def start() -> subprocess.Popen:
+        argv = [sys.executable, "-c", _FETCH, url, str(dest), SHA1]
+        return subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+
+    first = start()
+    deadline = time.monotonic() + 60
+    while not server.gets:  # the first is downloading (the server holds it at 64 KiB)
+        assert first.poll() is None and time.monotonic() < deadline, "no download started"
+        time.sleep(0.01)
+    second = start()
+    waiting = second.stderr.readline()  # blocks until the second says what it waits for
+    assert "waiting for another process downloading" in waiting, waiting
+    assert f"pid {first.pid}" in waiting and url in waiting
+    server.go.set()
+    for proc in (first, second):
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+        proc.stderr.close()
+    assert dest.read_bytes() == PAYLOAD
+    assert _leftovers(dest.parent) == ["file.bin"]  # no .part, no lock
+    assert server.gets == [None]  # one download; the second used its verified file
+
+
+def _stale_lock(dest: Path) -> None:
+    """The lock a download killed outright leaves: its process is gone."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock = {"host": socket.gethostname(), "pid": gone.pid, "command": "download", "started": 0}
+    dest.with_name(f".{dest.name}.lock").write_text(json.dumps(lock))
+
+
+def test_a_killed_download_is_continued_where_it_stopped(slow_server, tmp_path):
+    server, url = slow_server
+    server.go.set()
+    dest = tmp_path / "file.bin"
+    half = len(PAYLOAD) // 2
+    dest.with_name(".file.bin.part").write_bytes(PAYLOAD[:half])
+    _stale_lock(dest)
+    assert download.fetch(url, dest, sha1=SHA1, progress=False) == dest
+    assert dest.read_bytes() == PAYLOAD
+    assert server.gets == [f"bytes={half}-"]  # only the rest was sent
+    assert _leftovers(tmp_path) == ["file.bin"]
+
+
+def test_a_killed_download_restarts_where_the_server_cannot_continue(http_server, tmp_path):
+    dest = tmp_path / "file.bin"
+    dest.with_name(".file.bin.part").write_bytes(b"the start of some other file")
+    _stale_lock(dest)
+    # http.server ignores Range and sends the whole file: the partial bytes are dropped.
+    assert download.fetch(f"{http_server}/file.bin", dest, sha1=SHA1, progress=False) == dest
+    assert dest.read_bytes() == PAYLOAD
+    assert _leftovers(tmp_path) == ["file.bin"]
