@@ -1,4 +1,5 @@
-"""What the shell commands share: `--freeze` as partition rules, `--weights` as variables.
+"""What the shell commands share: `--freeze` as partition rules, `--weights` as variables,
+and the library's errors told in the command line's own terms.
 
 `jtransfer.cli` (finetune) and `jtransfer.lr_find` (lr-find) both read these options, and the
 lr-find command is part of the CLI; keeping them here lets each import this module and
@@ -9,12 +10,16 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from jtransfer.errors import ConfigError
 
-__all__ = ["freeze_rules", "initial_variables"]
+__all__ = ["freeze_rules", "initial_variables", "user_message"]
+
+PROG = "python -m jtransfer"
 
 
 def freeze_rules(
@@ -107,3 +112,104 @@ def initial_variables(args: argparse.Namespace, model, num_classes: int):
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     return variables
+
+
+# ---------------------------------------------------------------------------
+# Errors in the command line's terms
+
+
+def _out(args: argparse.Namespace) -> Path:
+    return Path(getattr(args, "out", None) or f"runs/{args.arch}").expanduser()
+
+
+def _has_checkpoints(out: Path) -> bool:
+    from jtransfer import checkpoint
+
+    return bool(checkpoint.checkpoint_steps(out))
+
+
+def _bad_image(e, args: argparse.Namespace) -> str:
+    head = f"cannot decode image {e.path}: {e.reason}. The file is missing, corrupt or truncated"
+    if args.command == "predict":  # predict leaves it out and classifies the others anyway
+        return f"{head}; it was left out"
+    if not hasattr(args, "skip_bad_images"):
+        return f"{head}; delete or replace it"
+    out = _out(args) if args.command == "finetune" else None
+    if out is not None and _has_checkpoints(out):
+        # --skip-bad-images changes the training set, so it cannot resume this run.
+        return (
+            f"{head}; delete or replace it and run the same command again to resume from the "
+            f"last checkpoint in --out {out}, or leave unreadable images out with "
+            "--skip-bad-images in a new run (with a new --out)"
+        )
+    return f"{head}; delete or replace it, or add --skip-bad-images to leave unreadable images out"
+
+
+def _no_full_batch(e, args: argparse.Namespace) -> str:
+    fits = e.examples * e.shard_count
+    per = f" ({e.examples} per process)" if e.shard_count > 1 else ""
+    return (
+        f"{e.root} has {fits} training images{per}, fewer than one batch of --batch-size "
+        f"{e.batch_size * e.shard_count}: use --batch-size {fits} or less, or add images"
+    )
+
+
+def _data_changed(e, args: argparse.Namespace) -> str:
+    names = {"num_examples": "training images", "steps_per_epoch": "steps per epoch"}
+    details = "; ".join(
+        f"{names.get(k, k)}: {old} then, {new} now" for k, (old, new) in e.changed.items()
+    )
+    out = _out(args)
+    return (
+        f"the training data in --data {args.data} changed since the checkpoint in --out {out} "
+        f"was saved ({details}), so the run cannot resume the same sequence of batches. Put "
+        f"the data back as it was to resume this run, or train on the data as it is now in a "
+        f"new run: the same command with a new --out"
+    )
+
+
+def _run_in_use(e, args: argparse.Namespace) -> str:
+    out = shlex.quote(str(e.directory))
+    return e.advice(
+        name=f"--out {e.directory}",
+        other="pass another --out",
+        readers=f"`{PROG} predict --checkpoint {out}` and `{PROG} export` read",
+    )
+
+
+# Python keywords in library messages, and what the command line calls them.
+_PHRASES = (
+    (r"\(max_to_keep=(\d+) \+ keep_best=(\d+) \+ 1 being written\)",
+     r"(the latest \1 + --keep-best \2 + 1 being written)"),
+    (r"choose another directory, or keep fewer checkpoints",
+     "choose another --out, or keep fewer checkpoints (a smaller --keep-best)"),
+    (r"Delete the directory \(or use another one\) to start from scratch",
+     "Delete the --out directory (or pass another --out) to start from scratch"),
+    (r"pass arch='([\w]+)'", r"pass --arch \1"),
+    (r"pass skip_bad_images=True", "add --skip-bad-images"),
+)  # fmt: skip
+
+
+def user_message(e: BaseException, args: argparse.Namespace) -> str | None:
+    """The library error `e` told in the terms of the command the user typed, or None.
+
+    The library's messages name Python keywords (``skip_bad_images=True``,
+    ``drop_remainder=False``); a shell user needs the flag instead, or another fix when the
+    command has no such flag.
+    """
+    from jtransfer import checkpoint, data
+
+    command = getattr(args, "command", None)
+    if isinstance(e, checkpoint.RunInUseError) and e.holder is not None:
+        return _run_in_use(e, args)
+    if isinstance(e, data.BadImageError) and e.path:
+        return _bad_image(e, args)
+    if isinstance(e, data.NoFullBatchError) and e.batch_size and command != "predict":
+        return _no_full_batch(e, args)
+    if isinstance(e, data.LoaderStateMismatchError) and command == "finetune":
+        return _data_changed(e, args)
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    changed = text
+    for pattern, replacement in _PHRASES:
+        changed = re.sub(pattern, replacement, changed)
+    return changed if changed != text else None

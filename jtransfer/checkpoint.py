@@ -55,9 +55,11 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import time
 import warnings
+import weakref
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -67,18 +69,22 @@ from typing import Any
 import jax
 import numpy as np
 
+from jtransfer import _lockfile
 from jtransfer.errors import CheckpointError, ConfigError
 
 __all__ = [
     "CheckpointWarning",
     "Checkpointer",
     "Restored",
+    "RunInUseError",
+    "WRITER_LOCK",
     "abstract_state",
     "checkpoint_steps",
     "load_for_inference",
     "read_metadata",
     "read_progress",
     "state_nbytes",
+    "writer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -87,6 +93,7 @@ FORMAT_VERSION = 1
 _STATE, _PROGRESS, _MODEL = "state", "progress", "model"
 _SHOWN = 20  # mismatched paths listed before "... and N more"
 _CORRUPT_PREFIX = "corrupt-"
+WRITER_LOCK = ".jtransfer-writer.lock"  # in the checkpoint directory: who writes into it
 
 
 class CheckpointWarning(UserWarning):
@@ -95,6 +102,119 @@ class CheckpointWarning(UserWarning):
 
 class _Unreadable(CheckpointError):
     """A step directory exists but cannot be read back intact (internal: triggers fallback)."""
+
+
+class RunInUseError(CheckpointError):
+    """Another process writes checkpoints into the directory: it holds the writer lock.
+
+    Attributes:
+        directory: the checkpoint directory.
+        holder: who holds the lock (`jtransfer._lockfile.Holder`: host, pid, command, since).
+    """
+
+    def __init__(self, message: str = "", *, directory: Path | None = None, holder=None):
+        super().__init__(message)
+        self.directory = directory
+        self.holder = holder
+
+    def advice(self, *, name: str, other: str, readers: str) -> str:
+        """The message, naming the directory as `name`, another one as `other`, the readers."""
+        holder, lock = self.holder, self.directory / WRITER_LOCK
+        text = (
+            f"{name} is in use: another run writes checkpoints into it: {holder.describe()}. "
+            "Two writers would overwrite each other's checkpoints. Reading it meanwhile is "
+            f"safe: {readers} its latest complete checkpoint. "
+        )
+        if holder.alive():
+            return text + f"Wait for that run to finish or stop it (kill {holder.pid}), or {other}."
+        return text + (
+            f"That run is on another host, which cannot be checked from here: if it is still "
+            f"running, wait for it or {other}; if it is not (its machine crashed or the job "
+            f"was killed), remove its stale lock and run again: rm {shlex.quote(str(lock))}"
+        )
+
+
+def _in_use(directory: Path, holder) -> RunInUseError:
+    error = RunInUseError(directory=directory, holder=holder)
+    error.args = (
+        error.advice(
+            name=f"checkpoint directory {directory}",
+            other="use another directory",
+            readers="load_for_inference reads",
+        ),
+    )
+    return error
+
+
+# Checkpointers of one process share its lock on a directory (e.g. one that trains and one
+# that reads back); the file goes when the last of them closes. {directory: [LockFile, count]}
+_HELD: dict[Path, list] = {}
+
+
+def writer(directory: str | os.PathLike):
+    """Who holds the writer lock of a checkpoint directory (a `Holder`), or None.
+
+    A lock whose holder is gone (killed on this host) counts as None.
+    """
+    holder = _lockfile.read_holder(Path(directory).expanduser() / WRITER_LOCK)
+    if holder is None or holder.alive() is False:
+        return None
+    return holder
+
+
+def _acquire_writer_lock(directory: Path, command: str | None) -> None:
+    """Takes `directory`'s writer lock in process 0 (all processes learn if it was refused).
+
+    Raises:
+        RunInUseError: another run holds it.
+        CheckpointError: the lock file cannot be written.
+    """
+    refused = None
+    if jax.process_index() == 0:
+        entry = _HELD.get(directory)
+        if entry is not None:
+            entry[1] += 1
+        else:
+            lock = _lockfile.LockFile(directory / WRITER_LOCK, command=command)
+            try:
+                refused = lock.acquire()
+            except OSError as e:
+                raise CheckpointError(
+                    f"cannot write checkpoints to {directory} ({_first_line(e)}). Choose a "
+                    "writable directory."
+                ) from e
+            if refused is None:
+                _HELD[directory] = [lock, 1]
+                if lock.took_over is not None:
+                    warnings.warn(
+                        CheckpointWarning(
+                            f"the run that last wrote to {directory}, "
+                            f"{lock.took_over.describe()}, is no longer running (killed?); "
+                            "this one takes over its lock"
+                        ),
+                        stacklevel=3,
+                    )
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        # Every process constructs its Checkpointer here: all of them fail, or none.
+        flags = multihost_utils.process_allgather(np.int32(refused is not None))
+        if refused is None and int(np.max(flags)):
+            refused = _lockfile.read_holder(directory / WRITER_LOCK)
+            if refused is None:
+                raise CheckpointError(f"process 0 could not lock {directory}; see its error")
+    if refused is not None:
+        raise _in_use(directory, refused)
+
+
+def _release_writer_lock(directory: Path) -> None:
+    entry = _HELD.get(directory)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] <= 0:
+        del _HELD[directory]
+        entry[0].release()
 
 
 @dataclass(frozen=True)
@@ -295,9 +415,21 @@ class Checkpointer:
             `load_for_inference` needs ``arch`` and ``num_classes``, and uses ``classes``
             and ``image_size`` when given. ``jtransfer_version`` is added.
         async_save: write files in a background thread (Orbax AsyncCheckpointer).
+        command: how the lock file describes this writer to another that finds it held
+            (default: this process's command line).
+
+    One directory has one writer: the constructor takes the directory's lock file
+    (``.jtransfer-writer.lock``: host, pid, command, start time) before writing anything,
+    and `close` releases it. A directory locked by another live process is refused with
+    `RunInUseError`, naming it; a lock left by a process that died on this host (SIGKILL,
+    the OOM killer) is taken over with a `CheckpointWarning`; one left on another host is
+    reported with the command that removes it. Checkpointers in one process share the
+    lock; in a multi-process run process 0 holds it for all. Readers need no lock:
+    `load_for_inference` reads the latest complete checkpoint while a run writes.
 
     Raises:
         CheckpointError: the directory cannot be created or written.
+        RunInUseError: another run writes into the directory.
         ConfigError: an argument is invalid.
     """
 
@@ -312,6 +444,7 @@ class Checkpointer:
         save_interval_steps: int | None = None,
         metadata: Mapping[str, Any] | None = None,
         async_save: bool = True,
+        command: str | None = None,
     ) -> None:
         if max_to_keep < 1:
             raise ConfigError(
@@ -334,7 +467,15 @@ class Checkpointer:
         self.metadata = _with_version(metadata)
         self._space_checked = False
         _probe_writable(self.directory)
-        self._mngr = self._manager(async_save)
+        # Before Orbax sees the directory: its manager deletes the temporary directories of
+        # unfinished saves, which would be another live writer's save in progress.
+        _acquire_writer_lock(self.directory, command)
+        self._unlock = weakref.finalize(self, _release_writer_lock, self.directory)
+        try:
+            self._mngr = self._manager(async_save)
+        except BaseException:
+            self._unlock()
+            raise
 
     # -- construction ------------------------------------------------------------------
 
@@ -516,8 +657,11 @@ class Checkpointer:
             ) from e
 
     def close(self) -> None:
-        """Waits for pending writes and releases Orbax's resources."""
-        self._mngr.close()
+        """Waits for pending writes, releases Orbax's resources and the directory's lock."""
+        try:
+            self._mngr.close()
+        finally:
+            self._unlock()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -797,6 +941,13 @@ def _require_checkpoints(directory: str | os.PathLike) -> tuple[Path, list[int]]
         )
     steps = checkpoint_steps(path)
     if not steps:
+        holder = writer(path)
+        if holder is not None:
+            raise CheckpointError(
+                f"{path} holds no complete checkpoint yet: the run writing into it, "
+                f"{holder.describe()}, has not finished its first save. Try again once it "
+                "has saved (at the end of its first epoch, or after --save-every steps)"
+            )
         raise CheckpointError(
             f"{path} holds no complete checkpoint; pass the --out directory of a finetune run "
             "that saved at least once"
@@ -892,9 +1043,43 @@ def load_for_inference(
         CheckpointError: no checkpoint, metadata without arch / num_classes, or every
             candidate unreadable.
     """
+    path, _ = _require_checkpoints(directory)
+    # A run may be writing into the directory: it renames a save into place only when
+    # complete, and deletes old checkpoints as it goes, so a step listed a moment ago can
+    # vanish while it is read. That is not damage: list again and read what is there now.
+    for _ in range(_READ_ATTEMPTS):
+        try:
+            return _load_for_inference(path, which)
+        except _Rotated:
+            continue
+    return _load_for_inference(path, which, rotated_ok=False)
+
+
+_READ_ATTEMPTS = 5
+_GONE_WAIT_S = 2.0  # how long a step that failed to read may take to disappear (rmtree)
+
+
+class _Rotated(Exception):
+    """A checkpoint was deleted by the run writing the directory while it was being read."""
+
+
+def _vanished(path: Path, step: int) -> bool:
+    """True once `step` is no longer listed (its writer is deleting it), within a short wait."""
+    deadline = time.monotonic() + _GONE_WAIT_S
+    while True:
+        if step not in checkpoint_steps(path):
+            return True
+        if time.monotonic() > deadline or writer(path) is None:
+            return False
+        time.sleep(0.05)
+
+
+def _load_for_inference(path: Path, which: str | int, *, rotated_ok: bool = True):
     import jtransfer as jt
 
-    path, steps = _require_checkpoints(directory)
+    steps = checkpoint_steps(path)
+    if not steps:
+        _require_checkpoints(path)  # raises, saying why
     mngr = _reader(path)
     candidates = _ranked_steps(mngr, steps, which)
     failures = []
@@ -902,6 +1087,8 @@ def load_for_inference(
         try:
             meta = read_metadata(path, step)
         except CheckpointError as e:
+            if rotated_ok and _vanished(path, step):
+                raise _Rotated from e
             failures.append(f"step {step}: {e}")
             continue
         if "arch" not in meta or "num_classes" not in meta:
@@ -917,6 +1104,8 @@ def load_for_inference(
         try:
             variables = _restore_variables(mngr, path, step, dict(shapes), meta)
         except _Unreadable as e:
+            if rotated_ok and _vanished(path, step):
+                raise _Rotated from e
             failures.append(f"step {step}: {e}")
             if i + 1 < len(candidates):
                 warnings.warn(

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jtransfer._cliutil import freeze_rules, initial_variables
+from jtransfer._cliutil import freeze_rules, initial_variables, user_message
 from jtransfer.errors import (
     CheckpointError,
     ConfigError,
@@ -365,11 +365,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - the CLI turns every error into one line
             if args.debug:
                 traceback.print_exc()
-            print(f"{PROG} {args.command}: error: {_one_line(e)}", file=sys.stderr)
+            print(f"{PROG} {args.command}: error: {_error_line(e, args)}", file=sys.stderr)
             return EXIT_FAILURE
 
 
 _KNOWN = (JTransferError, OSError, MemoryError)
+
+
+def _error_line(e: BaseException, args: argparse.Namespace) -> str:
+    """The one line the CLI prints for `e`: in the command line's terms where they differ."""
+    if isinstance(e, JTransferError):
+        try:
+            text = user_message(e, args)
+        except Exception:  # noqa: BLE001 - never hide the error behind a bug in rewording it
+            text = None
+        if text:
+            return text
+    return _one_line(e)
 
 
 def _one_line(e: BaseException) -> str:
@@ -466,8 +478,9 @@ def _run_finetune(args: argparse.Namespace, argv: Sequence[str], stopper: _Signa
     restarting = not resuming and out.is_dir()  # e.g. a run killed before its first save
     if resuming:
         _check_same_config(out, config)
-    ckpt = checkpoint.Checkpointer(
+    ckpt = checkpoint.Checkpointer(  # takes --out's lock: one writer per run directory
         out,
+        command=f"{PROG} {shlex.join(argv)}",
         max_to_keep=1,
         best_metric="test_acc",
         best_mode="max",
@@ -945,6 +958,7 @@ def _predict(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
     paths = _image_paths(args.images)
     model, variables, meta = checkpoint.load_for_inference(args.checkpoint, _which(args.which))
+    print(_reading(args, meta), file=sys.stderr)
     variables = models.prepare_inference(model, variables)  # kernel transforms once
     classes = meta.get("classes") or [str(i) for i in range(meta["num_classes"])]
     crop = meta.get("image_size", 224)
@@ -960,7 +974,7 @@ def _predict(args: argparse.Namespace, argv: Sequence[str]) -> int:
             try:
                 img = data.load_image(path)
             except DataError as e:
-                print(f"{PROG} predict: error: {_one_line(e)}", file=sys.stderr)
+                print(f"{PROG} predict: error: {_error_line(e, args)}", file=sys.stderr)
                 failed += 1
                 continue
             chunk.append(path)
@@ -974,6 +988,21 @@ def _predict(args: argparse.Namespace, argv: Sequence[str]) -> int:
             k = int(p.argmax())
             print(f"{path}\t{classes[k]}\t{p[k]:.4f}", flush=True)
     return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _reading(args: argparse.Namespace, meta: dict[str, Any]) -> str:
+    """Which checkpoint predict reads, and whether a run is still writing the directory."""
+    from jtransfer import checkpoint
+
+    which = {"best": "the best by test accuracy", "latest": "the latest"}.get(args.which, "")
+    text = f"reading step {meta['step']} of {args.checkpoint}" + (f" ({which})" if which else "")
+    holder = checkpoint.writer(args.checkpoint)
+    if holder is not None:
+        text += (
+            f"; a run is still writing to it, {holder.describe()}: complete checkpoints only, "
+            "newer ones may follow"
+        )
+    return text
 
 
 def _export(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -1004,6 +1033,8 @@ def _export(args: argparse.Namespace, argv: Sequence[str]) -> int:
     sidecar = out.with_suffix(".json")
     sidecar.write_text(json.dumps(info, indent=2) + "\n")
     print(f"wrote {out} (step {meta['step']} of {args.checkpoint}) and {sidecar}")
+    if checkpoint.writer(args.checkpoint) is not None:
+        print(f"note: {_reading(args, meta)}")
     if classes:
         print(f"classes (output index order): {', '.join(classes)}")
     print(

@@ -53,10 +53,13 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMG_EXTENSIONS",
+    "BadImageError",
     "DevicePrefetcher",
     "ImageFolder",
     "ImageLoader",
     "LoaderIterator",
+    "LoaderStateMismatchError",
+    "NoFullBatchError",
     "center_crop",
     "check_same_classes",
     "crop",
@@ -99,6 +102,55 @@ Size = int | Sequence[int]
 # --------------------------------------------------------------------------------------------
 # ImageFolder
 # --------------------------------------------------------------------------------------------
+
+
+class BadImageError(DataError):
+    """An image file cannot be decoded (missing, not an image, corrupt or truncated).
+
+    Attributes:
+        path: the file.
+        reason: what the decoder said.
+    """
+
+    def __init__(self, message: str = "", *, path: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.path, self.reason = path, reason
+
+
+class NoFullBatchError(ConfigError):
+    """A training folder holds fewer examples (per shard) than one batch.
+
+    Attributes:
+        root: the folder.
+        examples: readable examples per shard (per process).
+        shard_count: the number of shards (processes).
+        batch_size: the batch size per shard.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        root: str = "",
+        examples: int = 0,
+        shard_count: int = 1,
+        batch_size: int = 0,
+    ) -> None:
+        super().__init__(message)
+        self.root, self.examples = root, examples
+        self.shard_count, self.batch_size = shard_count, batch_size
+
+
+class LoaderStateMismatchError(CheckpointError):
+    """A saved loader position belongs to a loader over other data or with other settings.
+
+    Attributes:
+        changed: ``{setting: (saved, now)}``, e.g. ``{"num_examples": (32, 40)}``.
+    """
+
+    def __init__(self, message: str = "", *, changed: dict[str, tuple] | None = None) -> None:
+        super().__init__(message)
+        self.changed = dict(changed or {})
 
 
 class ImageFolder:
@@ -234,10 +286,12 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
             # convert() calls load(), which reads all pixel data: truncation raises here.
             return img.convert("RGB")
     except _DECODE_ERRORS as e:
-        raise DataError(
+        raise BadImageError(
             f"Cannot decode image {os.fspath(path)}: {e}. The file is missing, corrupt or "
             "truncated; delete or replace it, or pass skip_bad_images=True to leave unreadable "
-            "files out."
+            "files out.",
+            path=os.fspath(path),
+            reason=str(e),
         ) from e
 
 
@@ -791,10 +845,11 @@ class LoaderIterator(Iterator[dict[str, np.ndarray]]):
             details = ", ".join(
                 f"{k}: saved {old!r}, now {new!r}" for k, (old, new) in changed.items()
             )
-            raise CheckpointError(
+            raise LoaderStateMismatchError(
                 f"The loader state was saved by a loader with other settings ({details}), so it "
                 "would not resume the same sequence of batches. Resume with the original "
-                "settings, or start the data iterator afresh."
+                "settings, or start the data iterator afresh.",
+                changed=changed,
             )
         self.close()
         self._next_batch = int(state["next_batch"])
@@ -932,10 +987,14 @@ def make_loader(
         shard_drop_remainder=shard_drop,
     )
     if len(batches) == 0:
-        raise ConfigError(
+        raise NoFullBatchError(
             f"{folder.root} gives no full batch: {batches._per_shard} examples per shard, "
             f"batch_size {batch_size}, drop_remainder=True. Lower batch_size or pass "
-            "drop_remainder=False."
+            "drop_remainder=False.",
+            root=folder.root,
+            examples=batches._per_shard,
+            shard_count=shard_count,
+            batch_size=batch_size,
         )
     cache = _eval_cache(samples, resize_size, image_size) if cache_eval else None
     make_batch = _MakeBatch(

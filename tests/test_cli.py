@@ -121,7 +121,10 @@ def test_predict_reports_an_unreadable_image_and_classifies_the_rest(finetuned, 
     code, stdout, stderr = run_cli("predict", "--checkpoint", out, bad, good)
     assert code == 1
     assert len(stdout.strip().splitlines()) == 1 and str(good) in stdout
-    assert len(stderr.strip().splitlines()) == 1 and "broken.jpg" in stderr
+    reading, error = stderr.strip().splitlines()
+    assert re.fullmatch(rf"reading step \d+ of {re.escape(str(out))} \(the best .*\)", reading)
+    assert "broken.jpg" in error and "it was left out" in error
+    assert "skip_bad_images" not in error and "--skip-bad-images" not in error
 
 
 def test_export_loads_strictly_into_torchvision_with_the_same_logits(finetuned, dataset, tmp_path):

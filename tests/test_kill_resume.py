@@ -155,6 +155,9 @@ def test_killed_mid_save_falls_back_to_the_last_complete_checkpoint(
 
     rerun = run_to_the_end(argv, env)
     assert f"resuming from step {last} (" in rerun.stdout
+    # The killed run's lock was left behind; the rerun took it over (one writer per --out).
+    assert "is no longer running (killed?); this one takes over its lock" in rerun.stderr
+    assert not (out / checkpoint.WRITER_LOCK).exists()
     assert partial_saves(out) == []  # the temporary directory was cleaned up
     assert_same_end(out, reference)
 

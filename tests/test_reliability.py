@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import pickle
 import re
 import shutil
+import socket
+import subprocess
+import time
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -38,7 +42,7 @@ import pytest
 from PIL import Image
 
 import jtransfer as jt
-from jtransfer import checkpoint, cli, data, download, partition, train
+from jtransfer import _lockfile, checkpoint, cli, data, download, partition, train
 from jtransfer.checkpoint import Checkpointer, CheckpointWarning
 from jtransfer.errors import (
     CheckpointError,
@@ -620,6 +624,42 @@ def _blocker_kept(inp: Input, _) -> None:
     assert inp["blocker"].read_text() == "a file, not a folder"
 
 
+def _write_lock(directory: Path, host: str | None = None, pid: int | None = None) -> Input:
+    """A writer lock as a run on `host` (default: this one) with `pid` (default: alive) left it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pid = os.getppid() if pid is None else pid  # a live process that is not this one
+    holder = {
+        "host": host or socket.gethostname(),
+        "pid": pid,
+        "command": "python -m jtransfer finetune --data d --out run",
+        "started": time.time() - 60,
+        "token": "the-other-run",
+        "pid_start": None if host else _lockfile._pid_start(pid),
+    }
+    lock = directory / checkpoint.WRITER_LOCK
+    lock.write_text(json.dumps(holder))
+    return {"dir": directory, "pid": pid, "lock": str(lock), "lock_text": lock.read_text()}
+
+
+def _dead_pid() -> int:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    return gone.pid
+
+
+def _lock_and_checkpoints_kept(inp: Input, _) -> None:
+    """The other run's lock and both checkpoints untouched"""
+    assert Path(inp["lock"]).read_text() == inp["lock_text"]
+    assert checkpoint.checkpoint_steps(inp["dir"]) == [1, 2]
+    assert [checkpoint.read_progress(inp["dir"], s)["step"] for s in (1, 2)] == [1, 2]
+
+
+def _took_over(inp: Input, restored) -> None:
+    """Resumed from the latest checkpoint; the lock released at close"""
+    assert restored.step == 2
+    assert not Path(inp["lock"]).exists()
+
+
 CHECKPOINTS = [
     Case(
         "latest checkpoint corrupt",
@@ -687,6 +727,41 @@ CHECKPOINTS = [
         lambda i: checkpoint.load_for_inference(i["dir"]),
         CheckpointError,
         ("{dir}", "no complete checkpoint", "pass the --out directory"),
+    ),
+    Case(
+        "second writer on a directory a live run writes",
+        "checkpoint",
+        lambda tmp, env: _write_lock(_copy_ckpt(tmp, env)),
+        lambda i: Checkpointer(i["dir"]),
+        checkpoint.RunInUseError,
+        ("{dir} is in use", "(pid {pid} on", "since", "kill {pid}", "use another directory"),
+        intact=_lock_and_checkpoints_kept,
+    ),
+    Case(
+        "second writer on a directory locked from another host",
+        "checkpoint",
+        lambda tmp, env: _write_lock(_copy_ckpt(tmp, env), host="node-7"),
+        lambda i: Checkpointer(i["dir"]),
+        checkpoint.RunInUseError,
+        ("{dir} is in use", "on node-7", "if it is not", "rm {lock}"),
+        intact=_lock_and_checkpoints_kept,
+    ),
+    Case(
+        "lock left by a run killed on this host",
+        "checkpoint",
+        lambda tmp, env: _write_lock(_copy_ckpt(tmp, env), pid=_dead_pid()),
+        lambda i: _restore_latest(i["dir"], {}, tiny_state(0)),
+        CheckpointWarning,
+        ("(pid {pid} on", "is no longer running", "takes over its lock"),
+        intact=_took_over,
+    ),
+    Case(
+        "inference before a live run's first checkpoint",
+        "checkpoint",
+        lambda tmp, env: _write_lock(tmp / "run"),
+        lambda i: checkpoint.load_for_inference(i["dir"]),
+        CheckpointError,
+        ("{dir}", "no complete checkpoint yet", "(pid {pid} on", "try again once it has saved"),
     ),
 ]
 
@@ -851,6 +926,43 @@ def _out_not_created(inp: Input, _) -> None:
     assert not Path(inp["out"]).exists()
 
 
+TINY_RUN = ["--weights", "none", "--image-size", "32", "--batch-size", "2", "--epochs", "1"]
+
+
+def _tiny_data(tmp: Path, per_class: int = 1) -> Path:
+    root = tmp / "data"
+    _image_folder(root / "train", per_class=per_class)
+    _image_folder(root / "test")
+    return root
+
+
+def _locked_out(tmp: Path, env: Env, host: str | None = None) -> Input:
+    return {"data": str(_tiny_data(tmp)), **_write_lock(tmp / "out", host=host)}
+
+
+def _finetune_locked(inp: Input):
+    return _run_cli(["finetune", "--data", inp["data"], *TINY_RUN, "--out", inp["dir"]])
+
+
+def _lock_kept_nothing_written(inp: Input, _) -> None:
+    """The other run's lock untouched, nothing written beside it"""
+    assert Path(inp["lock"]).read_text() == inp["lock_text"]
+    assert os.listdir(inp["dir"]) == [checkpoint.WRITER_LOCK]
+
+
+def _bad_test_image(tmp: Path, env: Env) -> Input:
+    root = _tiny_data(tmp)
+    bad = root / "test" / "a" / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    return {"data": str(root), "bad": str(bad), "out": str(tmp / "out")}
+
+
+def _lock_released(inp: Input, _) -> None:
+    """The run's lock is released, no checkpoint written"""
+    assert not (Path(inp["out"]) / checkpoint.WRITER_LOCK).exists()
+    assert checkpoint.checkpoint_steps(inp["out"]) == []
+
+
 CLI = [
     Case(
         "finetune without --data (usage error)",
@@ -905,6 +1017,44 @@ CLI = [
         1,
         ("--skip-nonfinite 0", "must be >= 1"),
         intact=_out_not_created,
+    ),
+    Case(
+        "finetune --out that another run writes",
+        "cli",
+        _locked_out,
+        _finetune_locked,
+        1,
+        ("--out {dir} is in use", "(pid {pid} on", "kill {pid}", "pass another --out"),
+        intact=_lock_kept_nothing_written,
+    ),
+    Case(
+        "finetune --out locked by a run on another host",
+        "cli",
+        lambda tmp, env: _locked_out(tmp, env, host="node-7"),
+        _finetune_locked,
+        1,
+        ("--out {dir} is in use", "on node-7", "if it is not", "rm {lock}"),
+        intact=_lock_kept_nothing_written,
+    ),
+    Case(
+        "finetune on fewer training images than --batch-size",
+        "cli",
+        lambda tmp, env: {"data": str(_tiny_data(tmp)), "out": str(tmp / "out")},
+        lambda i: _run_cli(
+            ["finetune", "--data", i["data"], *TINY_RUN, "--batch-size", "8", "--out", i["out"]]
+        ),
+        1,
+        ("has 2 training images", "--batch-size 8", "use --batch-size 2 or less"),
+        intact=_lock_released,
+    ),
+    Case(
+        "finetune with an unreadable test image",
+        "cli",
+        _bad_test_image,
+        lambda i: _run_cli(["finetune", "--data", i["data"], *TINY_RUN, "--out", i["out"]]),
+        1,
+        ("cannot decode image {bad}", "add --skip-bad-images"),
+        intact=_lock_released,
     ),
     Case(
         "predict --checkpoint that does not exist",
