@@ -177,7 +177,8 @@ def _run_in_use(e, args: argparse.Namespace) -> str:
     )
 
 
-# Python keywords in library messages, and what the command line calls them.
+# Python keywords in library messages (jtransfer and porting), and what the command line
+# calls them. Each is checked against the real message in tests/test_cli.py.
 _PHRASES = (
     (r"\(max_to_keep=(\d+) \+ keep_best=(\d+) \+ 1 being written\)",
      r"(the latest \1 + --keep-best \2 + 1 being written)"),
@@ -185,8 +186,25 @@ _PHRASES = (
      "choose another --out, or keep fewer checkpoints (a smaller --keep-best)"),
     (r"Delete the directory \(or use another one\) to start from scratch",
      "Delete the --out directory (or pass another --out) to start from scratch"),
-    (r"pass arch='([\w]+)'", r"pass --arch \1"),
+    (r"or use a new checkpoint directory", "or pass a new --out"),
+    (r"pass arch='(\w+)'", r"pass --arch \1"),
+    (r"Pass the architecture the weights were trained with",
+     "Pass the --arch the weights were trained with"),
     (r"pass skip_bad_images=True", "add --skip-bad-images"),
+    (r"pass weights='([^']*)' \(CLI: --weights [^)]*\)", r"pass --weights \1"),
+    (r"\(or pass the path of a local copy instead\)", "(or pass a local copy with --weights PATH)"),
+    (r"Check the path, or pass a state_dict\.", "Check the --weights path."),
+    (r"Pass checkpoint\['(\w+)'\] instead\.",
+     r"Save checkpoint['\1'] alone (torch.save(checkpoint['\1'], 'weights.pth')) and pass "
+     r"--weights weights.pth."),
+    (r" and pass model\.state_dict\(\) \(or the dict of tensors\) instead\.",
+     ", save its state_dict (torch.save(sd, 'weights.pth')) and pass --weights weights.pth."),
+    (r"Or pass a path to a local \.pth file\.",
+     "Or pass --weights with the path of a local .pth file."),
+    (r"; save with Checkpointer\(\.\.\., metadata=\{.*?\}\)",
+     "; pass the --out directory of a finetune run"),
+    (r"^which must be", "--which must be"),
+    (r"^seed must be an int", "--seed must be an int"),
 )  # fmt: skip
 
 

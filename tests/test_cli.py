@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -375,3 +376,101 @@ def test_a_signal_during_training_saves_then_stops(tmp_path):
     restored = ckpt.restore_latest(checkpoint.abstract_state(state))
     assert restored.step == 3 and restored.loader_state == b'{"next_batch": 3}'
     ckpt.close()
+
+
+# ---------------------------------------------------------------------------
+# Library errors told in the command line's terms
+
+
+def _args(command: str, tmp_path: Path, **kw):
+    import argparse
+
+    base = {"command": command, "arch": "resnet18", "out": str(tmp_path / "out")}
+    if command == "finetune":
+        base.update(data=str(tmp_path / "data"), skip_bad_images=False)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def _raised(call) -> Exception:
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 - what the library raises is the input here
+        return e
+    raise AssertionError("no error")
+
+
+def _bad_image(tmp_path: Path) -> Exception:
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    return _raised(lambda: data.load_image(bad))
+
+
+def _one_image_folder(tmp_path: Path) -> Exception:
+    root = tmp_path / "tiny"
+    data.make_demo_imagefolder(root, n_per_class=1, size=16, seed=0)
+    return _raised(lambda: data.make_loader(data.ImageFolder(root), batch_size=8, train=True))
+
+
+def _full_disk(tmp_path: Path, monkeypatch) -> Exception:
+    ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", max_to_keep=1, keep_best=1)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda _: usage._replace(free=1000))
+    try:
+        return _raised(lambda: ckpt.check_space({"w": np.zeros(1000, np.float32)}))
+    finally:
+        monkeypatch.undo()
+        ckpt.close()
+
+
+def _training_checkpoint(tmp_path: Path) -> Exception:
+    import porting
+
+    path = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": {"fc.bias": torch.zeros(2)}}, path)
+    return _raised(lambda: porting.from_torchvision(path, "resnet18"))
+
+
+def _weights_missing(tmp_path: Path) -> Exception:
+    import porting
+
+    return _raised(lambda: porting.load_pretrained("resnet18", str(tmp_path / "missing.pth")))
+
+
+def _server_down(tmp_path: Path, monkeypatch) -> Exception:
+    import porting
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("JTRANSFER_WEIGHTS_BASE_URL", (tmp_path / "down").as_uri())
+    return _raised(lambda: porting.load_pretrained("resnet18", "IMAGENET1K_V1", progress=False))
+
+
+@pytest.mark.parametrize(
+    ("make", "command", "says", "not_says"),
+    [
+        (_bad_image, "finetune", ["add --skip-bad-images"], ["skip_bad_images"]),
+        (_bad_image, "predict", ["broken.jpg", "it was left out"], ["skip"]),
+        (_one_image_folder, "finetune", ["has 2 training images", "--batch-size 2 or less"],
+         ["drop_remainder", "batch_size"]),
+        (_full_disk, "finetune", ["--keep-best 1", "choose another --out"],
+         ["max_to_keep", "keep_best"]),
+        (_training_checkpoint, "finetune", ["pass --weights weights.pth"], ["Pass checkpoint"]),
+        (_server_down, "finetune", ["pass --weights /path/to/resnet18-f37072fd.pth",
+                                    "local copy with --weights PATH"], ["weights='"]),
+        (_weights_missing, "finetune", ["Check the --weights path"], ["pass a state_dict"]),
+    ],
+    ids=["bad-image-finetune", "bad-image-predict", "smaller-than-a-batch", "disk-full",
+         "training-checkpoint", "weights-server-down", "weights-missing"],
+)  # fmt: skip
+def test_library_fixes_are_told_as_flags(make, command, says, not_says, tmp_path, monkeypatch):
+    import inspect
+
+    from jtransfer import _cliutil
+
+    params = inspect.signature(make).parameters
+    error = make(tmp_path, monkeypatch) if len(params) == 2 else make(tmp_path)
+    text = _cliutil.user_message(error, _args(command, tmp_path))
+    assert text is not None, str(error)
+    for needle in says:
+        assert needle in text, (needle, text)
+    for needle in not_says:
+        assert needle not in text, (needle, text)
