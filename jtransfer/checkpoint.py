@@ -169,7 +169,7 @@ def _acquire_writer_lock(directory: Path, command: str | None) -> None:
         RunInUseError: another run holds it.
         CheckpointError: the lock file cannot be written.
     """
-    refused = None
+    refused, failed = None, None
     if jax.process_index() == 0:
         entry = _HELD.get(directory)
         if entry is not None:
@@ -179,11 +179,11 @@ def _acquire_writer_lock(directory: Path, command: str | None) -> None:
             try:
                 refused = lock.acquire()
             except OSError as e:
-                raise CheckpointError(
+                failed = CheckpointError(
                     f"cannot write checkpoints to {directory} ({_first_line(e)}). Choose a "
                     "writable directory."
-                ) from e
-            if refused is None:
+                )
+            if refused is None and failed is None:
                 _HELD[directory] = [lock, 1]
                 if lock.took_over is not None:
                     warnings.warn(
@@ -198,11 +198,15 @@ def _acquire_writer_lock(directory: Path, command: str | None) -> None:
         from jax.experimental import multihost_utils
 
         # Every process constructs its Checkpointer here: all of them fail, or none.
-        flags = multihost_utils.process_allgather(np.int32(refused is not None))
-        if refused is None and int(np.max(flags)):
+        flags = multihost_utils.process_allgather(
+            np.int32(refused is not None or failed is not None)
+        )
+        if refused is None and failed is None and int(np.max(flags)):
             refused = _lockfile.read_holder(directory / WRITER_LOCK)
             if refused is None:
                 raise CheckpointError(f"process 0 could not lock {directory}; see its error")
+    if failed is not None:
+        raise failed
     if refused is not None:
         raise _in_use(directory, refused)
 
