@@ -353,3 +353,26 @@ def test_not_enough_disk_fails_before_training(tmp_path, monkeypatch):
     monkeypatch.undo()
     ckpt.check_space(state)
     assert unchecked.all_steps() == []
+
+
+def test_a_checkpoint_the_writer_deletes_while_it_is_read_is_not_damage(
+    resnet_dir, tmp_path, monkeypatch
+):
+    directory = tmp_path / "run"
+    shutil.copytree(resnet_dir, directory)
+    real = checkpoint._restore_variables
+
+    def rotated_away(mngr, path, step, shapes, meta):
+        if step == 8 and (path / "8").exists():
+            shutil.rmtree(path / "8")  # the writer's retention policy, mid-read
+            raise checkpoint._Unreadable(f"checkpoint {path / '8'} is unreadable (no file)")
+        return real(mngr, path, step, shapes, meta)
+
+    monkeypatch.setattr(checkpoint, "_restore_variables", rotated_away)
+    with Checkpointer(directory, best_metric=None):  # a live writer holds the directory
+        assert checkpoint.writer(directory).pid == os.getpid()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CheckpointWarning)  # no "corrupt" warning
+            _, _, meta = checkpoint.load_for_inference(directory, "latest")
+    assert meta["step"] == 4  # listed again, and what is there now was read
+    assert checkpoint.writer(directory) is None  # the lock went with its Checkpointer
