@@ -357,6 +357,17 @@ def markdown(cells: Sequence[Cell], info: dict[str, str], cfg: dict[str, Any]) -
         "a fine-tune step) / median step time; % peak against the dense bf16 peak above. "
         "Memory: torch max allocated in the cell; jax device peak so far in the process.",
         "",
+        *table(cells, peak, cfg["steps"]),
+        "",
+        f"Total wall time {cfg['wall_s']:.0f} s.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def table(cells: Sequence[Cell], peak: float | None, steps: int) -> list[str]:
+    """The markdown table of `cells` (lines); % of `peak` (dense bf16 TFLOP/s) when known."""
+    lines = [
         "| arch | batch | step | precision | torch img/s | jtransfer img/s | jt/torch | "
         "paired | torch TFLOP/s | jax TFLOP/s | jax % bf16 peak | jax compile s | "
         "torch MiB | jax MiB | check |",
@@ -365,15 +376,32 @@ def markdown(cells: Sequence[Cell], info: dict[str, str], cfg: dict[str, Any]) -
     for c in cells:
         lo, hi = c.paired
         pct = f"{100 * c.tflops('jax') / peak:.1f}" if peak else "-"
-        compile_s = max(c.jax_first_s - cfg["steps"] * statistics.median(c.jax_s), 0.0)
+        compile_s = max(c.jax_first_s - steps * statistics.median(c.jax_s), 0.0)
         lines.append(
             f"| {c.arch} | {c.batch} | {c.mode} | {c.precision} | {c.torch_ips:.0f} | "
             f"{c.jax_ips:.0f} | {c.ratio:.2f} | {lo:.2f}-{hi:.2f} | "
             f"{c.tflops('torch'):.1f} | {c.tflops('jax'):.1f} | {pct} | {compile_s:.1f} | "
             f"{c.torch_mem / 2**20:.0f} | {c.jax_mem / 2**20:.0f} | {c.check} |"
         )
-    lines += ["", f"Total wall time {cfg['wall_s']:.0f} s.", ""]
-    return "\n".join(lines)
+    return lines
+
+
+def prepare(device: str) -> None:
+    """Stops (SystemExit, saying what to do) unless torch and jax both see a CUDA GPU;
+    then turns on `cudnn.benchmark`. Nothing to check for ``"cpu"``."""
+    import jax
+    import torch
+
+    if device != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu.py: torch sees no CUDA GPU (--device cpu runs the script on the CPU)")
+    if jax.default_backend() != "gpu":
+        raise SystemExit(
+            f"gpu.py: jax's backend is {jax.default_backend()!r}, not 'gpu': install a "
+            "CUDA jaxlib (pip install -U 'jax[cuda12]' or 'jax[cuda13]')"
+        )
+    torch.backends.cudnn.benchmark = True
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -396,20 +424,7 @@ def main(argv: Sequence[str] | None = None) -> list[Cell]:
     args = parse_args(argv)
     if args.device == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import jax
-    import torch
-
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit(
-                "gpu.py: torch sees no CUDA GPU (--device cpu runs the script on the CPU)"
-            )
-        if jax.default_backend() != "gpu":
-            raise SystemExit(
-                f"gpu.py: jax's backend is {jax.default_backend()!r}, not 'gpu': install a "
-                "CUDA jaxlib (pip install -U 'jax[cuda12]' or 'jax[cuda13]')"
-            )
-        torch.backends.cudnn.benchmark = True
+    prepare(args.device)
     start = time.perf_counter()
     info = machine_info(args.device)
     print("machine:", "; ".join(f"{k}: {v}" for k, v in info.items()), flush=True)

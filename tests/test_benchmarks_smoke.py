@@ -193,3 +193,93 @@ def test_gpu_script_runs_its_cells_on_the_cpu(gpu, tmp_path, torch_threads):
     text = out.read_text()
     assert "| resnet18 | 2 | frozen | fp32 |" in text
     assert "not a measurement" in text  # a CPU run says it is only a check
+
+
+CHECK = BENCH.with_name("gpu_check.py")
+
+
+def test_gpu_check_runs_every_stage_on_the_cpu(tmp_path):
+    """The one-shot GPU check, `--device cpu --quick`, as a fresh process (as on a GPU)."""
+    import json
+    import subprocess
+
+    out = tmp_path / "check.md"
+    argv = [sys.executable, str(CHECK), "--device", "cpu", "--quick", "--out", str(out)]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    record = json.loads(out.with_suffix(".json").read_text())
+    stages = {s["name"]: s for s in record["stages"]}
+    assert list(stages) == ["devices", "parity", "cells", "loader"]
+    for s in stages.values():
+        assert s["status"] == "ok" and s["summary"] and s["seconds"] > 0, s
+    parity = stages["parity"]["data"]
+    assert [r["arch"] for r in parity["full_float32"]] == ["resnet50", "vgg16_bn"]
+    assert all(r["eval_logits"] <= 1e-5 for r in parity["full_float32"])
+    assert set(parity["default_precision_eval_logits"]) == {"resnet50", "vgg16_bn"}
+    (cell,) = stages["cells"]["data"]["cells"]  # bf16 is left out on the CPU
+    assert (cell["arch"], cell["mode"], cell["precision"]) == ("resnet50", "finetune", "fp32")
+    assert cell["jax_ips"] > 0 and cell["torch_ips"] > 0 and cell["jax_tflops"] > 0
+    loader = stages["loader"]["data"]
+    assert loader["jtransfer"]["images_per_s"] > 0 and loader["torchvision"]["images_per_s"] > 0
+
+    text = out.read_text()
+    assert "not a measurement" in text and "finished" in text
+    assert "host: " in text and "flax " in text and "torch " in text
+    for i, name in enumerate(stages, 1):
+        assert f"| {i} | {name} | ok |" in text and f"## {i}. {name}:" in text
+
+
+@pytest.fixture
+def gpu_check(monkeypatch, torch_threads):
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    spec = importlib.util.spec_from_file_location("jt_gpu_check", CHECK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["jt_gpu_check"] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("jt_gpu_check", None)
+
+
+def test_gpu_check_reports_a_failing_stage_and_runs_the_next(gpu_check, tmp_path, monkeypatch):
+    out = tmp_path / "check.md"
+    seen = []
+
+    def broken(check):
+        # The report on disk already says which stage is running: a run killed here keeps it.
+        seen.append(out.read_text())
+        raise RuntimeError("planted failure")
+
+    def fine(check):
+        return gpu_check.Outcome("ran after the failure", "details", {"x": 1})
+
+    def missed(check):
+        return gpu_check.Outcome("over the target", status="fail")
+
+    def never(check):
+        raise AssertionError("a stage over the budget must not run")
+
+    stages = (
+        gpu_check.Stage("broken", "raises", broken, (0, 0)),
+        gpu_check.Stage("fine", "runs anyway", fine, (0, 0)),
+        gpu_check.Stage("missed", "misses its target", missed, (0, 0)),
+        gpu_check.Stage("huge", "needs more than the budget", never, (1e9, 1e9)),
+    )
+    monkeypatch.setattr(gpu_check, "STAGES", stages)
+    results = gpu_check.main(["--device", "cpu", "--quick", "--out", str(out)])
+
+    assert [r.status for r in results] == ["error", "ok", "fail", "skipped"]
+    assert results[0].summary == "RuntimeError: planted failure"
+    assert "planted failure" in results[0].details  # the traceback
+    assert results[1].data == {"x": 1}
+    assert "budget" in results[3].summary
+    assert "| 1 | broken | running |" in seen[0] and "cut short during `broken`" in seen[0]
+
+    text = out.read_text()
+    assert "| 1 | broken | error |" in text and "| 2 | fine | ok |" in text
+    assert "| 4 | huge | skipped |" in text and "finished" in text
+    import json
+
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert [s["status"] for s in record["stages"]] == ["error", "ok", "fail", "skipped"]
