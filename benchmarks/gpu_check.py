@@ -10,8 +10,9 @@ flax, optax and orbax but not grain), from the repository root, with
     PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_check.py \\
         --out $OUT/RESULTS-gpu-check.md
 
-(``timeout_s`` 600; the default ``--budget-s 450`` keeps it under 8 minutes). Anywhere
-else: ``python benchmarks/gpu_check.py [--out benchmarks/RESULTS-gpu-check.md]``.
+(``timeout_s`` 600; the default ``--budget-s 450`` aims at under 8 minutes: it skips
+what would no longer fit but never stops a stage that has started). Anywhere else:
+``python benchmarks/gpu_check.py [--out benchmarks/RESULTS-gpu-check.md]``.
 
 Stages, in this order, each timed and guarded: a stage that raises is reported with its
 error and the next one still runs.
