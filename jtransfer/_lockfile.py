@@ -77,6 +77,8 @@ class Holder:
         token: a random id of this acquisition, so a holder only ever removes its own lock.
         pid_start: the holder process's start time (Linux), or None.
         age_s: seconds since the lock file was last written or touched.
+        path: where the lock file was created (resolved), or None in older locks: a lock
+            found elsewhere was copied with its directory and guards nothing here.
     """
 
     host: str
@@ -86,6 +88,7 @@ class Holder:
     token: str = ""
     pid_start: str | None = None
     age_s: float = 0.0
+    path: str | None = None
 
     @property
     def since(self) -> str:
@@ -98,6 +101,10 @@ class Holder:
 
     def on_this_host(self) -> bool:
         return self.host == socket.gethostname()
+
+    def guards(self, path: str | os.PathLike) -> bool:
+        """False if this lock was created at another path (copied along with a directory)."""
+        return self.path is None or self.path == str(Path(path).resolve())
 
     def alive(self) -> bool | None:
         """True or False on this host; None on another host (it cannot be checked from here)."""
@@ -130,6 +137,7 @@ def read_holder(path: str | os.PathLike) -> Holder | None:
             token=str(d.get("token", "")),
             pid_start=d.get("pid_start"),
             age_s=age,
+            path=d.get("path"),
         )
     except (ValueError, KeyError, TypeError):
         return Holder(
@@ -171,6 +179,7 @@ class LockFile:
                 "started": time.time(),
                 "token": self.token,
                 "pid_start": _pid_start(os.getpid()),
+                "path": str(self.path.resolve()),
             }
         )
 
@@ -196,7 +205,9 @@ class LockFile:
     def is_stale(self, holder: Holder) -> bool:
         alive = holder.alive()
         if alive is not None:
-            return not alive
+            # On this host one directory has one resolved path; another host may mount the
+            # same file system elsewhere, so there a different path proves nothing.
+            return not alive or not holder.guards(self.path)
         return self.stale_after_s is not None and holder.age_s > self.stale_after_s
 
     def _remove_stale(self, holder: Holder) -> bool:

@@ -154,11 +154,15 @@ _HELD: dict[Path, list] = {}
 def writer(directory: str | os.PathLike):
     """Who holds the writer lock of a checkpoint directory (a `Holder`), or None.
 
-    A lock whose holder is gone (killed on this host) counts as None.
+    A lock whose holder is gone (killed on this host), or that was copied here from
+    another directory, counts as None.
     """
-    holder = _lockfile.read_holder(Path(directory).expanduser() / WRITER_LOCK)
+    lock = Path(directory).expanduser() / WRITER_LOCK
+    holder = _lockfile.read_holder(lock)
     if holder is None or holder.alive() is False:
         return None
+    if holder.on_this_host() and not holder.guards(lock):
+        return None  # copied along with the directory: that run writes elsewhere
     return holder
 
 
@@ -186,11 +190,16 @@ def _acquire_writer_lock(directory: Path, command: str | None) -> None:
             if refused is None and failed is None:
                 _HELD[directory] = [lock, 1]
                 if lock.took_over is not None:
+                    gone = lock.took_over
+                    why = (
+                        "is no longer running (killed?)"
+                        if gone.alive() is False
+                        else f"writes elsewhere (its lock was copied here from {gone.path})"
+                    )
                     warnings.warn(
                         CheckpointWarning(
-                            f"the run that last wrote to {directory}, "
-                            f"{lock.took_over.describe()}, is no longer running (killed?); "
-                            "this one takes over its lock"
+                            f"the run that last wrote to {directory}, {gone.describe()}, "
+                            f"{why}; this one takes over its lock"
                         ),
                         stacklevel=3,
                     )

@@ -624,8 +624,11 @@ def _blocker_kept(inp: Input, _) -> None:
     assert inp["blocker"].read_text() == "a file, not a folder"
 
 
-def _write_lock(directory: Path, host: str | None = None, pid: int | None = None) -> Input:
-    """A writer lock as a run on `host` (default: this one) with `pid` (default: alive) left it."""
+def _write_lock(
+    directory: Path, host: str | None = None, pid: int | None = None, path: str | None = None
+) -> Input:
+    """A writer lock as a run on `host` (default: this one) with `pid` (default: alive) left it,
+    created at `path` (default: where it is)."""
     directory.mkdir(parents=True, exist_ok=True)
     pid = os.getppid() if pid is None else pid  # a live process that is not this one
     holder = {
@@ -637,6 +640,7 @@ def _write_lock(directory: Path, host: str | None = None, pid: int | None = None
         "pid_start": None if host else _lockfile._pid_start(pid),
     }
     lock = directory / checkpoint.WRITER_LOCK
+    holder["path"] = path or str(lock.resolve())
     lock.write_text(json.dumps(holder))
     return {"dir": directory, "pid": pid, "lock": str(lock), "lock_text": lock.read_text()}
 
@@ -753,6 +757,15 @@ CHECKPOINTS = [
         lambda i: _restore_latest(i["dir"], {}, tiny_state(0)),
         CheckpointWarning,
         ("(pid {pid} on", "is no longer running", "takes over its lock"),
+        intact=_took_over,
+    ),
+    Case(
+        "directory copied with the lock of the run writing the original",
+        "checkpoint",
+        lambda tmp, env: _write_lock(_copy_ckpt(tmp, env), path="/runs/original/.lock"),
+        lambda i: _restore_latest(i["dir"], {}, tiny_state(0)),
+        CheckpointWarning,
+        ("(pid {pid} on", "writes elsewhere", "copied here from /runs/original", "takes over"),
         intact=_took_over,
     ),
     Case(
