@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from jtransfer import checkpoint, data, distributed
+from jtransfer import _lockfile, checkpoint, data, distributed
 from jtransfer.errors import ConfigError
 
 # Training machinery, not convolution numerics: XLA's own convolutions, which
@@ -207,6 +207,10 @@ def test_a_killed_two_process_run_resumes_where_it_stopped_and_ends_identically(
         assert proc.wait() == -signal.SIGKILL, _tails(logs)
     first = max(checkpoint.checkpoint_steps(out))
     assert 0 < first < STEPS
+    # One writer lock for the run, held by process 0 and left behind by the kill; each
+    # restart's process 0 takes it over (same host, pid gone).
+    holder = _lockfile.read_holder(out / checkpoint.WRITER_LOCK)
+    assert holder is not None and holder.pid == procs[0].pid and holder.alive() is False
     partial = _half_written_copy(out, first)
 
     # 2. Restarted with the same commands on a new port: it resumes from that step, not from
@@ -240,6 +244,7 @@ def test_a_killed_two_process_run_resumes_where_it_stopped_and_ends_identically(
     assert "epoch 2/2" in logs[0].read_text()
     assert "resuming" not in logs[1].read_text() and "epoch" not in logs[1].read_text()
     assert not list(out.glob("*.orbax-checkpoint-tmp"))
+    assert not (out / checkpoint.WRITER_LOCK).exists()  # released at the end
     resumed, expected = _final_state(out), reference.two_state
     assert jax.tree.structure(resumed) == jax.tree.structure(expected)
     for (path, want), got in zip(
