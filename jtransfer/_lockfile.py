@@ -93,6 +93,8 @@ class Holder:
     @property
     def since(self) -> str:
         """The start time, in UTC."""
+        if not self.started:
+            return "an unknown time"
         return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
 
     def describe(self) -> str:
