@@ -11,6 +11,7 @@ Relative error of a tensor = max|jax - torch| / max|torch|.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import time
@@ -25,6 +26,41 @@ from flax import traverse_util
 
 import jtransfer as jt
 from porting.torchvision import from_torchvision, torch_key
+
+
+def _torch_tf32_flags() -> list[tuple[object, str]]:
+    """(object, attribute) of torch's float32-precision switches for CUDA matmuls and cuDNN."""
+    backends = torch.backends
+    if hasattr(backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9's API
+        flags = [(backends.cuda.matmul, "fp32_precision"), (backends.cudnn.conv, "fp32_precision")]
+        if hasattr(backends.cudnn, "rnn"):
+            flags.append((backends.cudnn.rnn, "fp32_precision"))
+        return flags
+    return [(backends.cuda.matmul, "allow_tf32"), (backends.cudnn, "allow_tf32")]
+
+
+@contextlib.contextmanager
+def full_float32():
+    """Inside, jax and torch compute float32 convolutions and matrix products in full float32.
+
+    On NVIDIA GPUs since Ampere both frameworks default to TensorFloat-32 for some
+    float32 work: XLA for every convolution and product (jax's default matmul
+    precision), torch for cuDNN convolutions. TF32 rounds the inputs to a 10-bit
+    mantissa (~5e-4 relative), far beyond the 1e-5 parity targets, so every parity
+    measurement here runs under this context: `jax.default_matmul_precision("highest")`
+    and torch's TF32 switches off (restored on exit). On the CPU both sides already
+    compute in full float32 and nothing changes.
+    """
+    flags = _torch_tf32_flags()
+    before = [getattr(obj, name) for obj, name in flags]
+    try:
+        for obj, name in flags:
+            setattr(obj, name, "ieee" if name == "fp32_precision" else False)
+        with jax.default_matmul_precision("highest"):
+            yield
+    finally:
+        for (obj, name), value in zip(flags, before, strict=True):
+            setattr(obj, name, value)
 
 
 def rel_err(a, b) -> float:
@@ -47,13 +83,26 @@ def randomize_batchnorm(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return net
 
 
+def randomize_biases(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random convolution and Linear biases: torchvision's VGG starts them all at 0.
+
+    A bias that is 0 on both sides cannot show a port that drops or misplaces it.
+    """
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return net
+
+
 @functools.lru_cache(maxsize=2)
 def torch_model(arch: str, seed: int = 0) -> torch.nn.Module:
-    """torchvision `arch` with random weights, randomised BN, no dropout, eval mode."""
+    """torchvision `arch` with random weights and biases, randomised BN, no dropout, eval mode."""
     torch.manual_seed(seed)
     kwargs = {"dropout": 0.0} if arch.startswith("vgg") else {}
     net = getattr(torchvision.models, arch)(**kwargs)
-    return randomize_batchnorm(net, seed).eval()
+    return randomize_biases(randomize_batchnorm(net, seed), seed).eval()
 
 
 def torch_stage_outputs(net: torch.nn.Module, arch: str, x: torch.Tensor) -> dict[str, np.ndarray]:
@@ -150,8 +199,13 @@ def measure(
     Eval mode runs at every size in `sizes`, train mode at `train_size` (default:
     the last of `sizes`). `net` (default `torch_model(arch, seed)`) and `variables`
     (default: `net` ported by `from_torchvision`) can be passed in by a caller
-    that needs them too.
+    that needs them too. Both sides compute in full float32 (`full_float32`).
     """
+    with full_float32():
+        return _measure(arch, sizes, batch, seed, train_size, net, variables)
+
+
+def _measure(arch, sizes, batch, seed, train_size, net, variables) -> ArchParity:
     t0 = time.perf_counter()
     net = torch_model(arch, seed) if net is None else net
     variables = from_torchvision(net.state_dict(), arch) if variables is None else variables
