@@ -287,13 +287,16 @@ def _for_inference(model: nn.Module, compute_dtype: Any, variables: dict[str, An
     return models.prepare_inference(train._with_dtype(model, compute_dtype), variables)
 
 
-def _make_logits_fn(model: nn.Module, mesh: Mesh, compute_dtype: Any):
+def _make_logits_fn(model: nn.Module, mesh: Mesh, compute_dtype: Any, precision: str | None):
     """jit `(variables, images) -> float32 logits`, BatchNorm on running statistics."""
-    return _cached_logits_fn(model, tuple(mesh.devices.flat), mesh.axis_names, compute_dtype)
+    devices = tuple(mesh.devices.flat)
+    return _cached_logits_fn(model, devices, mesh.axis_names, compute_dtype, precision)
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_logits_fn(model: nn.Module, devices: tuple, axis_names: tuple, compute_dtype: Any):
+def _cached_logits_fn(
+    model: nn.Module, devices: tuple, axis_names: tuple, compute_dtype: Any, precision: str | None
+):
     # One jitted function per model and devices: later calls (each epoch's evaluation, the
     # next run's, repeated `predict`s) reuse its compilations.
     mesh = Mesh(np.asarray(devices), axis_names)
@@ -303,7 +306,7 @@ def _cached_logits_fn(model: nn.Module, devices: tuple, axis_names: tuple, compu
         return model.apply(variables, images, train=False).astype(jnp.float32)
 
     return jax.jit(
-        logits_fn,
+        train.at_precision(logits_fn, precision),
         in_shardings=(_replicated(mesh), _batch_sharding(mesh)),
         out_shardings=_replicated(mesh),
     )
@@ -347,6 +350,7 @@ def evaluate(
     *,
     mesh: Mesh | None = None,
     compute_dtype: Any = None,
+    precision: str | None = None,
 ) -> dict[str, float]:
     """Loss and top-1 accuracy of a model on every example of a loader.
 
@@ -360,6 +364,7 @@ def evaluate(
             of {"image": (N, H, W, 3), "label": (N,)} batches.
         mesh: devices to split batches over; default: every local device.
         compute_dtype: e.g. jnp.bfloat16 (parameters stay float32).
+        precision: float32 precision of convolutions and products; see `train.make_train_step`.
 
     Returns:
         {"loss": mean cross-entropy per example, "accuracy": top-1, "count": examples}.
@@ -367,7 +372,8 @@ def evaluate(
     mesh = mesh or train.data_parallel_mesh()
     on_devices = train.replicate(_model_variables(variables), mesh)
     on_devices = _for_inference(model, compute_dtype, on_devices)
-    return _run_eval(_make_logits_fn(model, mesh, compute_dtype), on_devices, loader, mesh)
+    logits_fn = _make_logits_fn(model, mesh, compute_dtype, precision)
+    return _run_eval(logits_fn, on_devices, loader, mesh)
 
 
 def predict(
@@ -378,6 +384,7 @@ def predict(
     batch_size: int = 64,
     mesh: Mesh | None = None,
     compute_dtype: Any = None,
+    precision: str | None = None,
 ) -> np.ndarray:
     """Logits for images, in batches (BatchNorm on running statistics).
 
@@ -389,6 +396,7 @@ def predict(
         batch_size: images per compiled call; fewer images are padded to a power of two.
         mesh: devices to split batches over; default: every local device.
         compute_dtype: e.g. jnp.bfloat16 (parameters stay float32).
+        precision: float32 precision of convolutions and products; see `train.make_train_step`.
 
     Returns:
         float32 logits, (N, num_classes), or (num_classes,) for one image; `argmax(-1)` is the
@@ -403,7 +411,7 @@ def predict(
     mesh = mesh or train.data_parallel_mesh()
     on_devices = jax.device_put(_model_variables(variables), _replicated(mesh))
     on_devices = _for_inference(model, compute_dtype, on_devices)
-    logits_fn = _make_logits_fn(model, mesh, compute_dtype)
+    logits_fn = _make_logits_fn(model, mesh, compute_dtype, precision)
     # Batches padded to a power of two (at most batch_size): few shapes, few compilations.
     size = min(batch_size, 1 << (len(x) - 1).bit_length())
     batches = (
@@ -653,6 +661,7 @@ def fit(
     loss_reduction: str = "sum",
     bn_policy: str = "train",
     compute_dtype: Any = None,
+    precision: str | None = None,
     seed: int = 0,
     arch: str | None = None,
     mesh: Mesh | None = None,
@@ -685,6 +694,8 @@ def fit(
         loss_reduction: "sum" (d2l) or "mean" (torch's default); see `train.make_train_step`.
         bn_policy: "train" (torch `net.train()`) or "frozen"; see `jtransfer.train`.
         compute_dtype: e.g. jnp.bfloat16; see `train.make_train_step`.
+        precision: None (XLA's default: TensorFloat-32 on recent NVIDIA GPUs) or "highest"
+            (full float32) for the convolutions and products; see `train.make_train_step`.
         seed: seed of the state's PRNG key (dropout); the loaders have their own seeds.
         arch: the registry name of `model`; default: inferred (`infer_arch`).
         mesh: devices to split batches over; default: `train.data_parallel_mesh()`, all
@@ -753,11 +764,12 @@ def fit(
         bn_policy=bn_policy,
         frozen_stages=frozen_stages_for(arch, rules),
         compute_dtype=compute_dtype,
+        precision=precision,
         mesh=mesh,
         skip_nonfinite=skip_nonfinite,
         frozen_params=partition.frozen_params(params, rules),
     )
-    logits_fn = _make_logits_fn(model, mesh, compute_dtype)
+    logits_fn = _make_logits_fn(model, mesh, compute_dtype, precision)
     if state is None:
         state = train.create_train_state(model, variables, tx, seed, mesh=mesh)
     else:

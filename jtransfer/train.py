@@ -23,6 +23,14 @@ batch_stats and opt_state (selected inside the
 compiled step: no re-compile, no host round trip), reported as
 ``metrics["skipped"]``; `jtransfer.fit` counts and limits such steps.
 
+``precision`` is the float32 precision of every convolution and matrix product
+in the step (`jax.default_matmul_precision` while it is traced): None leaves
+XLA's default, which on NVIDIA GPUs since Ampere runs float32 convolutions and
+products as TensorFloat-32 (10-bit mantissa inputs, float32 sums), as torch does
+for its cuDNN convolutions by default; "highest" computes them in full float32
+(slower on a GPU; what parity needs). On the CPU both give the same bits. It
+does not apply to bfloat16 compute (`compute_dtype`). See docs/guides/precision.md.
+
 Batches are ``{"image": float32 (N, H, W, 3) ImageNet-normalised, "label": int32 (N,)}``.
 
 Example:
@@ -67,6 +75,8 @@ FrozenStages = int | Callable[[Array], Array]
 DATA_AXIS = "data"
 LOSS_REDUCTIONS = ("sum", "mean")
 BN_POLICIES = ("train", "frozen")
+# `precision` values: XLA's default, or the names `jax.default_matmul_precision` takes.
+PRECISIONS = (None, "default", "high", "highest", "tensorfloat32", "float32", "bfloat16")
 # Metrics that add up over batches; `summarize` turns totals into means.
 SUMMABLE = ("loss_sum", "correct", "count")
 
@@ -339,6 +349,33 @@ def _with_dtype(model: nn.Module, compute_dtype: Any) -> nn.Module:
     return model if compute_dtype is None else model.clone(dtype=compute_dtype)
 
 
+def check_precision(precision: str | None) -> None:
+    """Raises ConfigError unless `precision` is one of `PRECISIONS`."""
+    if precision not in PRECISIONS:
+        names = ", ".join(repr(p) for p in PRECISIONS)
+        raise ConfigError(
+            f"precision={precision!r} is not one of {names}: use None for XLA's default "
+            "(TensorFloat-32 float32 convolutions on recent NVIDIA GPUs) or 'highest' for "
+            "full float32"
+        )
+
+
+def at_precision(fn: Callable, precision: str | None) -> Callable:
+    """`fn` traced under `jax.default_matmul_precision(precision)` (None: as it is).
+
+    For a function that jit traces: the precision is fixed in its compiled code.
+    """
+    check_precision(precision)
+    if precision is None:
+        return fn
+
+    def traced_at_precision(*args, **kwargs):
+        with jax.default_matmul_precision(precision):
+            return fn(*args, **kwargs)
+
+    return traced_at_precision
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -352,6 +389,7 @@ def make_train_step(
     return_grads: bool = False,
     skip_nonfinite: bool = False,
     frozen_params: Any = None,
+    precision: str | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """A jit-compiled `train_step(state, batch) -> (state, metrics)`.
 
@@ -391,6 +429,9 @@ def make_train_step(
             frozen leaf's is a constant zero and costs nothing, which makes such a
             step measurably faster (docs/performance.md). The optimizer
             must zero those leaves' updates, as `partition.make_optimizer` does.
+        precision: float32 precision of convolutions and matrix products: None (XLA's
+            default: TensorFloat-32 on recent NVIDIA GPUs) or "highest" (full float32);
+            see the module docstring. The same bits on the CPU.
 
     Returns:
         The jitted step. `metrics` has "loss" (the reduced loss that was
@@ -399,6 +440,7 @@ def make_train_step(
         them to `check_finite` to stop on a NaN.
     """
     _check_options(model, loss_reduction, bn_policy, frozen_stages)
+    check_precision(precision)
     model = _with_dtype(model, compute_dtype)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -427,7 +469,7 @@ def make_train_step(
             metrics = {**metrics, "grads": grads}
         return new_state, metrics
 
-    return _jit(train_step, mesh, donate)
+    return _jit(at_precision(train_step, precision), mesh, donate)
 
 
 def all_finite(tree: Any) -> Array:
@@ -442,7 +484,11 @@ def _select(keep_new: Array, new: Any, old: Any) -> Any:
 
 
 def make_eval_step(
-    model: nn.Module, mesh: Mesh | None = None, *, compute_dtype: Any = None
+    model: nn.Module,
+    mesh: Mesh | None = None,
+    *,
+    compute_dtype: Any = None,
+    precision: str | None = None,
 ) -> Callable[[TrainState | Mapping[str, Any], Batch], Metrics]:
     """A jit-compiled `eval_step(state, batch) -> metrics` (BatchNorm on running statistics).
 
@@ -456,6 +502,7 @@ def make_eval_step(
         model: a module from `jt.models.create`.
         mesh: as for `make_train_step`.
         compute_dtype: as for `make_train_step`.
+        precision: as for `make_train_step`.
 
     Returns:
         The jitted step; metrics "loss" (mean over the batch) and the summable
@@ -480,7 +527,7 @@ def make_eval_step(
         metrics = _summable_metrics(logits, batch["label"], per_example)
         return {"loss": per_example.mean(), **metrics}
 
-    return _jit(eval_step, mesh, donate=False)
+    return _jit(at_precision(eval_step, precision), mesh, donate=False)
 
 
 def summarize(metrics: Iterable[Mapping[str, Any]]) -> dict[str, float]:
