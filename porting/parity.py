@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import copy
 import functools
+import os
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ import torchvision
 from flax import traverse_util
 
 import jtransfer as jt
+from jtransfer.models import conv
 from porting.torchvision import from_torchvision, torch_key
 
 
@@ -131,8 +133,14 @@ def torch_stage_outputs(net: torch.nn.Module, arch: str, x: torch.Tensor) -> dic
     return {k: v.numpy() for k, v in out.items()}
 
 
-@functools.lru_cache(maxsize=8)
 def _jax_forward(arch: str, train: bool):
+    # One jitted function per convolution mode: `JTRANSFER_CONV` is read when a function
+    # is traced, so a function traced under the other mode must not be reused.
+    return _cached_jax_forward(arch, train, os.environ.get(conv.CONV_ENV, "auto"))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_jax_forward(arch: str, train: bool, conv_mode: str):
     model = (
         jt.models.create(arch, dropout=0.0) if arch.startswith("vgg") else jt.models.create(arch)
     )

@@ -58,10 +58,14 @@ def worst(report: dict, quantity: str, first_steps: int | None = None) -> float:
     return max(step[quantity] for step in report["steps"][:first_steps])
 
 
-@pytest.fixture(scope="module")
-def reports(tmp_path_factory):
-    # One process for all scenarios: imports and start-up are paid once.
-    return run_float64(tmp_path_factory.mktemp("float64"), "--scenarios", *T.SCENARIOS)
+# Both convolution paths: jtransfer's CPU forms ("auto") and XLA's own convolutions
+# with XLA's autodiff ("xla"), the path of every GPU and TPU.
+@pytest.fixture(scope="module", params=["auto", "xla"])
+def reports(request, tmp_path_factory):
+    # One process per path for all scenarios: imports and start-up are paid once.
+    env = {"JTRANSFER_CONV": "xla"} if request.param == "xla" else {}
+    tmp = tmp_path_factory.mktemp("float64")
+    return run_float64(tmp, "--scenarios", *T.SCENARIOS, **env)
 
 
 @pytest.mark.parametrize("name", list(T.SCENARIOS))

@@ -10,6 +10,10 @@ Eval at 97 px as well (`python -m porting.parity` runs it, README table) adds
 no code path to these two: running-statistics BatchNorm, pooling and padding
 are the same in both modes, and VGG's dropout is off for parity. It did add a
 third compilation per architecture, a third of this file's time.
+
+Both convolution paths run: jtransfer's CPU forms and XLA's own (`conv_path`), the
+one every GPU and TPU uses. Both sides compute in full float32
+(`porting.parity.full_float32`): on a GPU the default would be TensorFloat-32.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import copy
 import pytest
 
 import jtransfer as jt
+from jtransfer.models import conv
 
 torch = pytest.importorskip("torch")
 parity = pytest.importorskip("porting.parity")
@@ -28,30 +33,47 @@ TARGET = 1e-5  # max|jax - torch| / max|torch|
 
 
 # Module-scoped and parametrised: pytest runs every test of one architecture
-# before the next, so each is measured once and one at a time is held in memory.
+# before the next, so each is ported once and one at a time is held in memory.
 @pytest.fixture(scope="module", params=jt.models.ARCHS)
 def arch(request):
     return request.param
 
 
 @pytest.fixture(scope="module")
-def measured(arch):
+def ported(arch):
     # One torch model and one port per architecture serve every check.
     net = parity.torch_model(arch)
     variables = porting.from_torchvision(net.state_dict(), arch)
     sd = {k: v.clone() for k, v in net.state_dict().items()}
-    r = parity.measure(arch, sizes=(224,), train_size=97, batch=2, net=net, variables=variables)
-    return r, (net, sd, porting.to_torchvision(variables, arch))
+    return net, variables, sd
 
 
-def test_eval_logits_and_features_match_torchvision(arch, measured):
-    r, _ = measured
+# The convolutions: "auto" is jtransfer's CPU forms (Winograd, per-tap products);
+# "xla" is XLA's own convolutions with XLA's autodiff, which is what runs on a GPU or
+# TPU (jtransfer.models.conv): checked here on the CPU, to the same targets.
+@pytest.fixture(scope="module", params=["auto", "xla"])
+def conv_path(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def measured(arch, ported, conv_path):
+    net, variables, _ = ported
+    with pytest.MonkeyPatch.context() as mp:
+        if conv_path == "xla":
+            mp.setenv(conv.CONV_ENV, "xla")
+        r = parity.measure(arch, sizes=(224,), train_size=97, batch=2, net=net, variables=variables)
+    return r
+
+
+def test_eval_logits_and_features_match_torchvision(arch, conv_path, measured):
+    r = measured
     assert r.eval_logits <= TARGET, r
     assert r.eval_features <= TARGET, r
 
 
-def test_train_mode_logits_and_running_stats_match_torchvision(arch, measured):
-    r, _ = measured
+def test_train_mode_logits_and_running_stats_match_torchvision(arch, conv_path, measured):
+    r = measured
     # Deep ResNets in train mode amplify float32 rounding through batch-statistics
     # BatchNorm: torch's own float32 result is then further than 1e-5 from its
     # float64 result. There, jtransfer must be within the target of float64, or
@@ -59,8 +81,9 @@ def test_train_mode_logits_and_running_stats_match_torchvision(arch, measured):
     assert r.train_within_target(TARGET), r
 
 
-def test_export_round_trip_is_bit_exact_and_loads_strict(arch, measured):
-    _, (net, sd, exported) = measured
+def test_export_round_trip_is_bit_exact_and_loads_strict(arch, ported):
+    net, variables, sd = ported
+    exported = porting.to_torchvision(variables, arch)
     assert set(exported) == set(sd)
     for key, value in sd.items():
         if "num_batches_tracked" not in key:
