@@ -191,6 +191,8 @@ _PHRASES = (
     (r"Pass the architecture the weights were trained with",
      "Pass the --arch the weights were trained with"),
     (r"pass skip_bad_images=True", "add --skip-bad-images"),
+    (r"try compute_dtype=None \(float32\) if you use bfloat16",
+     "try --compute-dtype float32 if you use bfloat16"),
     (r"pass weights='([^']*)' \(CLI: --weights [^)]*\)", r"pass --weights \1"),
     (r"\(or pass the path of a local copy instead\)", "(or pass a local copy with --weights PATH)"),
     (r"Check the path, or pass a state_dict\.", "Check the --weights path."),

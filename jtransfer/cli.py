@@ -227,6 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluation resize is 256/224 of it, as Resize([256,256]) + CenterCrop(224)",
     )
     ft.add_argument(
+        "--compute-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype of the forward and backward computation: bfloat16 is mixed precision "
+        "(parameters, optimizer state, BatchNorm statistics and the loss stay float32), "
+        "faster where the hardware has bfloat16 units (GPUs, TPUs, CPUs with AMX) "
+        "(default: float32)",
+    )
+    ft.add_argument(
+        "--precision",
+        choices=("default", "highest"),
+        default="default",
+        help="float32 precision of convolutions and matrix products: default is XLA's "
+        "(TensorFloat-32 on NVIDIA GPUs since Ampere), highest is full float32 (slower on "
+        "such GPUs; the same on the CPU) (default: default)",
+    )
+    ft.add_argument(
         "--workers",
         type=int,
         default=0,
@@ -586,6 +603,8 @@ def _run_finetune(args: argparse.Namespace, argv: Sequence[str], stopper: _Signa
                 on_epoch_end=hooks.on_epoch_end,
                 skip_nonfinite=args.skip_nonfinite is not None,
                 max_consecutive_skips=args.skip_nonfinite or DEFAULT_MAX_SKIPS,
+                compute_dtype=jnp.bfloat16 if args.compute_dtype == "bfloat16" else None,
+                precision=None if args.precision == "default" else args.precision,
                 **optimizer,
             )
     except _Stopped:
@@ -886,6 +905,9 @@ def _config(args: argparse.Namespace, classes: list[str]) -> dict[str, Any]:
         "image_size": args.image_size,
         "skip_bad_images": args.skip_bad_images,
         "seed": args.seed,
+        # Recorded only when not the default, so that runs from before these flags resume.
+        **({"compute_dtype": args.compute_dtype} if args.compute_dtype != "float32" else {}),
+        **({"precision": args.precision} if args.precision != "default" else {}),
     }
 
 

@@ -69,7 +69,14 @@ from porting.torchvision import _to_torch, from_torchvision, torch_key
 QUANTITIES = ("loss", "grads", "params", "batch_stats")
 # Both sides compute in the same dtype: the float32 product, or float64 to check
 # the algorithm where rounding cannot flip a ReLU.
-PRECISIONS = {"float32": (torch.float32, jnp.float32), "float64": (torch.float64, jnp.float64)}
+# "bfloat16" is mixed precision on both sides: float32 parameters, optimizer and
+# BatchNorm statistics, the forward and backward in bfloat16 (torch.autocast on the
+# CPU; jtransfer's compute_dtype); its reference run is torch in float32.
+PRECISIONS = {
+    "float32": (torch.float32, jnp.float32),
+    "float64": (torch.float64, jnp.float64),
+    "bfloat16": (torch.bfloat16, jnp.bfloat16),
+}
 
 
 @dataclass(frozen=True)
@@ -322,14 +329,17 @@ def run_torch(
         s: the scenario.
         state_dict: initial weights (from `torch_net(s).state_dict()`).
         batches: NHWC numpy batches (transposed to NCHW here).
-        dtype: torch.float64 gives the reference that float32 rounding is measured against.
+        dtype: torch.float64 gives the reference that float32 rounding is measured against;
+            torch.bfloat16 is mixed precision (float32 model and optimizer, the forward
+            under `torch.autocast("cpu", torch.bfloat16)`).
 
     Yields:
         A StepRecord per batch (lazily, so large models are not held 10 times).
     """
+    autocast = dtype == torch.bfloat16
     net = _torch_model(s)
     net.load_state_dict(state_dict)
-    net.to(dtype)
+    net.to(torch.float32 if autocast else dtype)
     names = flax_paths(s)
     groups: dict[float, list[torch.nn.Parameter]] = {}
     for name, p in net.named_parameters():
@@ -354,10 +364,14 @@ def run_torch(
                 m.eval()
     trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     for batch in batches:
-        x = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy()).to(dtype)
+        x = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy())
+        x = x if autocast else x.to(dtype)
         y = torch.from_numpy(batch["label"].astype(np.int64))
         opt.zero_grad()
-        loss = loss_fn(net(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = net(x)
+        # The loss in float32, as jtransfer computes it.
+        loss = loss_fn(logits.float() if autocast else logits, y)
         loss.backward()
         grads = {n: p.grad.numpy().copy() for n, p in trainable}
         opt.step()
@@ -395,7 +409,8 @@ def run_jax(
     Args:
         s, state_dict, batches: as `run_torch`.
         dtype: jnp.float64 computes in float64 (the model's `dtype`, float64
-            parameters and statistics); jax x64 must be enabled.
+            parameters and statistics); jax x64 must be enabled. jnp.bfloat16 is
+            mixed precision (`compute_dtype=jnp.bfloat16`, float32 parameters).
 
     Yields:
         A StepRecord per batch; the last one also says which frozen parameters changed.
@@ -408,8 +423,10 @@ def run_jax(
             "float64 needs jax x64, enabled before jax makes any array: run "
             "`python -m porting.training --float64`, or set JAX_ENABLE_X64=1"
         )
-    variables = jax.tree.map(lambda a: a.astype(dtype), from_torchvision(state_dict, s.arch))
-    model = _jax_model(s, dtype)
+    mixed = jnp.dtype(dtype) == jnp.bfloat16
+    param_dtype = jnp.float32 if mixed else dtype
+    variables = jax.tree.map(lambda a: a.astype(param_dtype), from_torchvision(state_dict, s.arch))
+    model = _jax_model(s, param_dtype)
     tx = partition.make_optimizer(
         variables["params"],
         list(s.rules),
@@ -426,6 +443,7 @@ def run_jax(
         bn_policy=s.bn_policy,
         frozen_stages=s.frozen_stages,
         return_grads=True,
+        compute_dtype=jnp.bfloat16 if mixed else None,
     )
     for i, batch in enumerate(batches):
         state, metrics = train_step(state, jax.tree.map(jnp.asarray, batch))
@@ -569,8 +587,10 @@ class ParityReport:
         jax_loss_dtype: the dtype jtransfer's train step computed the loss in.
         steps: jtransfer against torch, both in `precision`, per step.
         torch_noise: torch float32 against torch float64 from the same start:
-            how far float32 rounding alone moves torch. Empty if not measured.
-        jax_vs_f64: jtransfer (float32) against torch float64. Empty if not measured.
+            how far float32 rounding alone moves torch (for "bfloat16": torch
+            bfloat16 against torch float32). Empty if not measured.
+        jax_vs_f64: jtransfer against that reference (torch float64; float32 for
+            "bfloat16"). Empty if not measured.
         worst_tensor: per step, the tensor behind each figure of `steps`.
         tensors: per step, {quantity: {tensor: error}} of jax against torch.
         seconds: wall time.
@@ -603,6 +623,11 @@ class ParityReport:
             out[f"{q}@{n}"] = self.worst(q)
         return out
 
+    def _noise_label(self) -> str:
+        if self.precision == "bfloat16":
+            return "torch bf16 vs torch f32"
+        return "torch f32 vs torch f64"
+
     def to_json(self) -> dict:
         """The figures as plain JSON types (what `--json` writes)."""
         return {
@@ -631,7 +656,7 @@ class ParityReport:
             f"{s.frozen_stages}{wrong} ({self.seconds:.0f}s)",
             f"      jax vs torch ({self.precision}{loss_note})"
             + " " * 28
-            + ("| torch f32 vs torch f64" if self.torch_noise else ""),
+            + (f"| {self._noise_label()}" if self.torch_noise else ""),
             "step "
             + "".join(f"{q:>12}" for q in QUANTITIES)
             + ("  | " + "".join(f"{q:>12}" for q in QUANTITIES) if self.torch_noise else ""),
@@ -667,10 +692,12 @@ def compare(
 
     Args:
         s: the scenario.
-        precision: "float32", or "float64" for both sides (jax x64 must be
-            enabled: run it as `python -m porting.training --float64`).
+        precision: "float32", "float64" for both sides (jax x64 must be
+            enabled: run it as `python -m porting.training --float64`), or
+            "bfloat16": mixed precision on both sides (see `PRECISIONS`).
         float64_reference: in float32, also run torch in float64, to show how far
-            float32 rounding alone takes torch (`ParityReport.torch_noise`).
+            float32 rounding alone takes torch (`ParityReport.torch_noise`); in
+            bfloat16, torch in float32, to show how far bfloat16 takes it.
         recipe_error: a key of `RECIPE_ERRORS`: the jax side trains with that
             mistake, torch with the scenario's recipe (checks that the check fails).
         torch_threads: torch intra-op threads while it runs.
@@ -690,7 +717,9 @@ def compare(
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     t0 = time.perf_counter()
     torch_dtype, jax_dtype = PRECISIONS[precision]
-    float64_reference = float64_reference and precision == "float32"
+    float64_reference = float64_reference and precision in ("float32", "bfloat16")
+    # The reference that the precision's own rounding is measured against.
+    reference_dtype = torch.float32 if precision == "bfloat16" else torch.float64
     jax_s = RECIPE_ERRORS[recipe_error](s) if recipe_error else s
     net = torch_net(s)
     state_dict = copy.deepcopy(net.state_dict())
@@ -704,7 +733,7 @@ def compare(
             run_jax(jax_s, state_dict, batches, dtype=jax_dtype),
         ]
         if float64_reference:
-            runs.append(run_torch(s, state_dict, batches, dtype=torch.float64))
+            runs.append(run_torch(s, state_dict, batches, dtype=reference_dtype))
         for records in zip(*runs, strict=True):
             ref, got = records[0], records[1]
             report.jax_loss_dtype = got.loss_dtype
@@ -740,7 +769,7 @@ def markdown(reports: Sequence[ParityReport]) -> str:
     for r in reports:
         series = [(f"jtransfer vs torch ({r.precision})", "steps")]
         if r.torch_noise:
-            series.append(("torch f32 vs torch f64", "torch_noise"))
+            series.append((r._noise_label(), "torch_noise"))
         for label, of in series:
             cells = " | ".join(
                 f"{r.worst(q, 1, of=of):.1e} / {r.worst(q, of=of):.1e}" for q in QUANTITIES

@@ -474,3 +474,26 @@ def test_library_fixes_are_told_as_flags(make, command, says, not_says, tmp_path
         assert needle in text, (needle, text)
     for needle in not_says:
         assert needle not in text, (needle, text)
+
+
+def test_bfloat16_and_precision_flags_train_and_are_part_of_the_run(dataset, weights, workdir):
+    out = workdir / "bf16"
+    argv = finetune_argv(dataset, weights, out, "--compute-dtype", "bfloat16")
+    argv += ["--precision", "highest"]
+    argv[argv.index("--epochs") + 1] = "1"
+    code, stdout, stderr = run_cli(*argv)
+    assert code == 0, stderr
+    assert "epoch 1/1:" in stdout
+    config = checkpoint.read_metadata(out)["config"]
+    assert config["compute_dtype"] == "bfloat16" and config["precision"] == "highest"
+    # Resuming at another compute dtype would not continue the same run: refused.
+    argv[argv.index("bfloat16")] = "float32"
+    code, _, stderr = run_cli(*argv)
+    assert code != 0 and "compute_dtype: saved 'bfloat16', now None" in stderr, stderr
+
+
+def test_default_dtype_and_precision_leave_the_config_as_before(finetuned):
+    # Runs written before these flags existed (no such keys) still resume.
+    out, _ = finetuned
+    config = checkpoint.read_metadata(out)["config"]
+    assert "compute_dtype" not in config and "precision" not in config
