@@ -300,9 +300,12 @@ class Pair:
     x_torch: Any  # (N, 3, H, W)
     y_torch: Any
     batch: dict  # {"image": (N, H, W, 3), "label": (N,)} jax arrays
+    # "bfloat16": mixed precision on both sides, torch.autocast("cpu", torch.bfloat16) vs
+    # jtransfer compute_dtype=bfloat16 (float32 parameters, statistics and optimizer).
+    dtype: str = "float32"
 
 
-def make_pair(arch: str, batch: int, size: int, seed: int = 0) -> Pair:
+def make_pair(arch: str, batch: int, size: int, seed: int = 0, dtype: str = "float32") -> Pair:
     """A torchvision model with random weights and its port; one random batch."""
     import jax
     import numpy as np
@@ -328,6 +331,7 @@ def make_pair(arch: str, batch: int, size: int, seed: int = 0) -> Pair:
         x_torch=torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
         y_torch=torch.from_numpy(y).long(),
         batch={"image": jax.device_put(x), "label": jax.device_put(y)},
+        dtype=dtype,
     )
 
 
@@ -342,13 +346,14 @@ def torch_step(pair: Pair, mode: str) -> tuple[Callable[[], Any], Callable[[], f
     import torch
     import torch.nn.functional as F
 
+    bf16 = pair.dtype == "bfloat16"
     if mode in ("eval", "apply"):
         net = pair.net.eval()
         out = {}
 
         def run_eval():
-            with torch.inference_mode():
-                out["logits"] = net(pair.x_torch)
+            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                out["logits"] = net(pair.x_torch).float()
 
         return run_eval, lambda: out["logits"].numpy()
 
@@ -357,7 +362,9 @@ def torch_step(pair: Pair, mode: str) -> tuple[Callable[[], Any], Callable[[], f
 
     def run_train():
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(net(pair.x_torch), pair.y_torch, reduction="sum")
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            logits = net(pair.x_torch)
+        loss = F.cross_entropy(logits.float(), pair.y_torch, reduction="sum")
         loss.backward()
         opt.step()
         out["loss"] = loss.detach()
@@ -460,14 +467,18 @@ def jax_epoch(pair: Pair, folder: Path, size: int) -> tuple[Callable[[], Any], i
 def jax_step(pair: Pair, mode: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
     """(step, first_value): the jtransfer counterpart of `torch_step`."""
     import jax
+    import jax.numpy as jnp
 
     import jtransfer as jt
 
     model, variables, batch = pair.model, pair.variables, pair.batch
+    compute_dtype = jnp.bfloat16 if pair.dtype == "bfloat16" else None
+    if compute_dtype is not None:
+        model = model.clone(dtype=compute_dtype)
     if mode in ("eval", "apply"):
         if mode == "eval":
             variables = jax.block_until_ready(jt.models.prepare_inference(model, variables))
-        apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        apply = jax.jit(lambda v, x: model.apply(v, x, train=False).astype(jnp.float32))
         out = {}
 
         def run_eval():
@@ -475,7 +486,7 @@ def jax_step(pair: Pair, mode: str) -> tuple[Callable[[], Any], Callable[[], Any
 
         return run_eval, lambda: jax.device_get(out["logits"])
 
-    step, state = _jax_trainer(pair, mode)
+    step, state = _jax_trainer(pair, mode, compute_dtype=compute_dtype)
     holder = {"state": state}
 
     def run_train():
@@ -530,6 +541,7 @@ def run_case(
     log: Callable[[str], Any] | None = None,
     torch_threads: int | str | None = None,
     epoch_dir: Path | None = None,
+    dtype: str = "float32",
 ) -> list[Result]:
     """Every mode of one (arch, batch) case, torch and jax alternating.
 
@@ -548,13 +560,13 @@ def run_case(
         torch.set_num_threads(torch_threads)
 
     log = log or (lambda msg: print(msg, flush=True))
-    pair = make_pair(arch, batch, size)
+    pair = make_pair(arch, batch, size, dtype=dtype)
     meter = PeakRss()
     results = []
     for mode in modes:
         images = 0
         if mode == "epoch":
-            if arch not in EPOCH_ARCHS:
+            if arch not in EPOCH_ARCHS or dtype != "float32":
                 continue
             folder = make_epoch_folder(epoch_dir or Path(tempfile.mkdtemp()), batch)
             t_fn, images = torch_epoch(pair, folder, size)
@@ -637,6 +649,13 @@ def markdown(results: Sequence[Result], info: dict[str, str], cfg: dict[str, Any
         f"Command: `{cfg['command']}`",
         "",
         "Machine: " + "; ".join(f"{k}: {v}" for k, v in info.items()) + ".",
+        "",
+        f"Compute dtype: {cfg.get('dtype', 'float32')}"
+        + (
+            " (torch.autocast('cpu', torch.bfloat16) vs jtransfer compute_dtype=bfloat16)."
+            if cfg.get("dtype") == "bfloat16"
+            else "."
+        ),
         "",
         f"Images {cfg['size']}x{cfg['size']}, {NUM_CLASSES} classes, {cfg['reps']} timed reps "
         "per cell after one warm-up (jax: compile) call; torch and jax alternate rep by rep in "
@@ -743,6 +762,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=DEFAULT_REPS, help="timed reps per cell")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="bfloat16: torch.autocast('cpu', torch.bfloat16) against jtransfer "
+        "compute_dtype=bfloat16, parameters float32 on both sides (the epoch mode runs in "
+        "float32 only)",
+    )
+    p.add_argument(
         "--quick", action="store_true", help="resnet18, batch 16, 2 reps: about a minute"
     )
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
@@ -787,7 +814,7 @@ def run_case_in_subprocess(arch: str, batch: int, args: argparse.Namespace) -> l
         out = Path(tmp) / "results.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--archs", arch]
         cmd += ["--batch", str(batch), "--size", str(args.size), "--reps", str(args.reps)]
-        cmd += ["--modes", *args.modes, f"--xla-flags={args.xla_flags}"]
+        cmd += ["--modes", *args.modes, f"--xla-flags={args.xla_flags}", "--dtype", args.dtype]
         cmd += ["--torch-threads", "default" if threads is None else str(threads)]
         cmd += ["--results-json", str(out)]
         if args.compile_cache:
@@ -829,6 +856,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
                     args.modes,
                     torch_threads=args.torch_threads,
                     epoch_dir=Path(epoch_dir),
+                    dtype=args.dtype,
                 )
     if args.results_json:  # a case run for a parent process: it writes the table
         args.results_json.write_text(json.dumps([dataclasses.asdict(r) for r in results]))
@@ -843,6 +871,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
         "cpu_s": usage.ru_utime + usage.ru_stime + children.ru_utime + children.ru_stime,
         "torch_threads": args.torch_threads,
         "processes": args.processes,
+        "dtype": args.dtype,
     }
     text = markdown(results, info, cfg)
     write_table(args.out, text)

@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax.numpy as jnp
+
 import jtransfer as jt
 import porting
 from jtransfer import compile_cache, data, demo, download, fit, partition
@@ -567,6 +569,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--batch-size", type=int, help=f"default {D2L.batch_size} (demo {DEMO.batch_size})"
     )
     p.add_argument("--out", default="runs/hotdog", help="folder for the plot and the history")
+    p.add_argument(
+        "--compute-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="bfloat16: mixed precision for the fine-tune and scratch runs (parameters, "
+        "optimizer and BatchNorm statistics stay float32) (default: float32)",
+    )
     p.add_argument("--skip-scratch", action="store_true", help="skip the scratch baseline")
     p.add_argument("--demo", action="store_true", help="run the offline demo, no downloads")
     p.add_argument("--workers", type=int, help="loader worker processes (default: 0 for the demo)")
@@ -751,6 +760,7 @@ def train_runs(plan: Plan, args: argparse.Namespace, say) -> dict[str, dict]:
             loss_reduction="sum",
             bn_policy="train",
             seed=args.seed,
+            compute_dtype=jnp.bfloat16 if args.compute_dtype == "bfloat16" else None,
             desc=f"{tag}{name}",
             log=say,
         )

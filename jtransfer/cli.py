@@ -232,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         help="dtype of the forward and backward computation: bfloat16 is mixed precision "
         "(parameters, optimizer state, BatchNorm statistics and the loss stay float32), "
-        "faster where the hardware has bfloat16 units (GPUs, TPUs, CPUs with AMX) "
-        "(default: float32)",
+        "meant for GPUs and TPUs; on the CPU it is slower than float32, even with AMX "
+        "(docs/guides/precision.md) (default: float32)",
     )
     ft.add_argument(
         "--precision",
