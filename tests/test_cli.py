@@ -497,3 +497,14 @@ def test_default_dtype_and_precision_leave_the_config_as_before(finetuned):
     out, _ = finetuned
     config = checkpoint.read_metadata(out)["config"]
     assert "compute_dtype" not in config and "precision" not in config
+
+
+def test_the_nonfinite_advice_names_the_compute_dtype_flag():
+    import argparse
+
+    from jtransfer import _cliutil, train
+    from jtransfer.errors import NonFiniteLossError
+
+    e = NonFiniteLossError(f"the training loss is nan at step 3. {train.NONFINITE_ADVICE}")
+    text = _cliutil.user_message(e, argparse.Namespace(command="finetune"))
+    assert "--compute-dtype float32" in text and "compute_dtype=None" not in text
