@@ -342,23 +342,44 @@ def _resized_size(height: int, width: int, size: Size) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def resize(img: Image.Image, size: Size) -> Image.Image:
-    """Bilinear resize, as ``torchvision.transforms.functional.resize`` on a PIL image.
+_FILTERS = {
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    "nearest": Image.NEAREST,
+    "lanczos": Image.LANCZOS,
+}
+
+
+def _pil_filter(interpolation: str) -> int:
+    try:
+        return _FILTERS[interpolation]
+    except KeyError:
+        raise ConfigError(
+            f"interpolation {interpolation!r} is not one of {', '.join(_FILTERS)}."
+        ) from None
+
+
+def resize(img: Image.Image, size: Size, interpolation: str = "bilinear") -> Image.Image:
+    """Resize, as ``torchvision.transforms.functional.resize`` on a PIL image.
 
     Args:
         img: the image.
         size: ``(height, width)``, or an int: the shorter side becomes ``size`` and the aspect
             ratio is kept (torchvision's ``Resize(int)``; note ``Resize([256, 256])`` squashes).
+        interpolation: "bilinear" (torchvision's default), "bicubic" (most timm weights),
+            "nearest" or "lanczos": PIL's filter of that name, which is what torchvision and
+            timm call for PIL input.
 
     Returns:
         The resized image (the input itself when it already has that size, as torchvision).
     """
+    resample = _pil_filter(interpolation)
     height, width = _resized_size(img.height, img.width, size)
     if (height, width) == (img.height, img.width):
         return img
-    # PIL's BILINEAR filter widens its support when shrinking, which is the antialiasing that
+    # PIL's filters widen their support when shrinking, which is the antialiasing that
     # torchvision relies on for PIL input; calling the same function gives the same pixels.
-    return img.resize((width, height), Image.BILINEAR)
+    return img.resize((width, height), resample)
 
 
 def crop(img: Image.Image, top: int, left: int, height: int, width: int) -> Image.Image:
@@ -398,7 +419,13 @@ def center_crop(img: Image.Image, size: Size) -> Image.Image:
 
 
 def resized_crop(
-    img: Image.Image, top: int, left: int, height: int, width: int, size: Size
+    img: Image.Image,
+    top: int,
+    left: int,
+    height: int,
+    width: int,
+    size: Size,
+    interpolation: str = "bilinear",
 ) -> Image.Image:
     """Crops a box and resizes it, as ``torchvision.transforms.functional.resized_crop``.
 
@@ -409,11 +436,12 @@ def resized_crop(
         height: box height.
         width: box width.
         size: output size, as in `resize`.
+        interpolation: as in `resize`.
 
     Returns:
         The resized crop.
     """
-    return resize(crop(img, top, left, height, width), size)
+    return resize(crop(img, top, left, height, width), size, interpolation)
 
 
 def hflip(img: Image.Image) -> Image.Image:
@@ -532,6 +560,9 @@ def train_transform(
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     flip_prob: float = 0.5,
+    interpolation: str = "bilinear",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> np.ndarray:
     """``RandomResizedCrop(size)``, ``RandomHorizontalFlip()``, ``ToTensor()``, ``Normalize``.
 
@@ -543,25 +574,37 @@ def train_transform(
         scale: `random_resized_crop_params` scale range.
         ratio: `random_resized_crop_params` aspect-ratio range.
         flip_prob: probability of the horizontal flip.
+        interpolation: the crop's resize filter, as in `resize`.
+        mean: per-channel mean of the normalisation.
+        std: per-channel standard deviation of the normalisation.
 
     Returns:
-        float32 ``(size, size, 3)`` ImageNet-normalised array.
+        float32 ``(size, size, 3)`` normalised array.
     """
     out_size = [size, size] if isinstance(size, int) else list(size)
     top, left, h, w = random_resized_crop_params(rng, img.height, img.width, scale, ratio)
-    img = resized_crop(img, top, left, h, w, out_size)
+    img = resized_crop(img, top, left, h, w, out_size, interpolation)
     if rng.random() < flip_prob:
         img = hflip(img)
-    return to_normalized_array(img)
+    return to_normalized_array(img, mean, std)
 
 
-def _eval_pixels(img: Image.Image, resize_size: Size, crop_size: Size) -> np.ndarray:
+def _eval_pixels(
+    img: Image.Image, resize_size: Size, crop_size: Size, interpolation: str = "bilinear"
+) -> np.ndarray:
     """The uint8 pixels of the evaluation view (resize, then center crop)."""
-    return np.asarray(center_crop(resize(img, resize_size), crop_size), dtype=np.uint8)
+    resized = resize(img, resize_size, interpolation)
+    return np.asarray(center_crop(resized, crop_size), dtype=np.uint8)
 
 
 def eval_transform(
-    img: Image.Image, *, resize_size: Size = (256, 256), crop_size: Size = 224
+    img: Image.Image,
+    *,
+    resize_size: Size = (256, 256),
+    crop_size: Size = 224,
+    interpolation: str = "bilinear",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> np.ndarray:
     """``Resize(resize_size)``, ``CenterCrop(crop_size)``, ``ToTensor()``, ``Normalize``.
 
@@ -570,13 +613,17 @@ def eval_transform(
 
     Args:
         img: an RGB image.
-        resize_size: as in `resize`.
+        resize_size: as in `resize` (timm's eval view: the int ``floor(crop / crop_pct)``).
         crop_size: as in `center_crop`.
+        interpolation: the resize filter, as in `resize`.
+        mean: per-channel mean of the normalisation.
+        std: per-channel standard deviation of the normalisation.
 
     Returns:
-        float32 ``(crop, crop, 3)`` ImageNet-normalised array.
+        float32 ``(crop, crop, 3)`` normalised array.
     """
-    return to_normalized_array(_eval_pixels(img, resize_size, crop_size))
+    pixels = _eval_pixels(img, resize_size, crop_size, interpolation)
+    return to_normalized_array(pixels, mean, std)
 
 
 # --------------------------------------------------------------------------------------------
@@ -661,6 +708,9 @@ class _MakeBatch:
         image_size: Size,
         resize_size: Size,
         cache: np.ndarray | None,
+        interpolation: str = "bilinear",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         self._paths = [path for path, _ in samples]
         self._labels = np.asarray([label for _, label in samples], dtype=np.int32)
@@ -669,17 +719,19 @@ class _MakeBatch:
         self._image_size = image_size
         self._resize_size = resize_size
         self._cache = cache
+        self._view = {"interpolation": interpolation, "mean": tuple(mean), "std": tuple(std)}
 
     def example(self, epoch: int, index: int) -> np.ndarray:
         """The transformed image of sample ``index`` in ``epoch``."""
         if self._cache is not None:
-            return to_normalized_array(self._cache[index])
+            return to_normalized_array(self._cache[index], self._view["mean"], self._view["std"])
         img = load_image(self._paths[index])
         if self._train:
-            return train_transform(
-                img, example_rng(self._seed, epoch, index), size=self._image_size
-            )
-        return eval_transform(img, resize_size=self._resize_size, crop_size=self._image_size)
+            rng = example_rng(self._seed, epoch, index)
+            return train_transform(img, rng, size=self._image_size, **self._view)
+        return eval_transform(
+            img, resize_size=self._resize_size, crop_size=self._image_size, **self._view
+        )
 
     def __call__(self, element: tuple[int, np.ndarray]) -> dict[str, np.ndarray]:
         epoch, indices = element
@@ -873,11 +925,13 @@ def _close_open_iterators() -> None:
         iterator.close()
 
 
-def _eval_cache(samples: Sequence[Sample], resize_size: Size, crop_size: Size) -> np.ndarray:
+def _eval_cache(
+    samples: Sequence[Sample], resize_size: Size, crop_size: Size, interpolation: str
+) -> np.ndarray:
     """Decodes every evaluation image once into a uint8 ``(N, H, W, 3)`` array."""
 
     def pixels(sample: Sample) -> np.ndarray:
-        return _eval_pixels(load_image(sample[0]), resize_size, crop_size)
+        return _eval_pixels(load_image(sample[0]), resize_size, crop_size, interpolation)
 
     # PIL decodes and resizes without the GIL, so threads use every core here.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -898,6 +952,9 @@ def make_loader(
     resize_size: Size = (256, 256),
     shard_options: grain.sharding.ShardOptions | None = None,
     cache_eval: bool = False,
+    interpolation: str = "bilinear",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> ImageLoader:
     """Builds a grain pipeline serving ``{"image": float32 (B,H,W,3), "label": int32 (B,)}``.
 
@@ -932,6 +989,10 @@ def make_loader(
         cache_eval: evaluation only: decode, resize and crop every image once, at construction,
             and keep the uint8 pixels in memory, so later passes (epochs) only normalise.
             Batches are then served from this process and ``worker_count`` is not used.
+        interpolation: the resize filter of both views, as in `resize` ("bicubic" for most
+            timm weights; `jtransfer.preprocess.Preprocessing` carries a weights' choice).
+        mean: per-channel mean of the normalisation.
+        std: per-channel standard deviation of the normalisation.
 
     Returns:
         An `ImageLoader`; ``iter(loader)`` gives a checkpointable `LoaderIterator`.
@@ -996,7 +1057,8 @@ def make_loader(
             shard_count=shard_count,
             batch_size=batch_size,
         )
-    cache = _eval_cache(samples, resize_size, image_size) if cache_eval else None
+    _pil_filter(interpolation)  # an unknown name fails here, not in a worker
+    cache = _eval_cache(samples, resize_size, image_size, interpolation) if cache_eval else None
     make_batch = _MakeBatch(
         samples,
         train=train,
@@ -1004,6 +1066,9 @@ def make_loader(
         image_size=image_size,
         resize_size=resize_size,
         cache=cache,
+        interpolation=interpolation,
+        mean=mean,
+        std=std,
     )
     fingerprint = {
         "num_examples": len(samples),
