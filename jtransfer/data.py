@@ -69,6 +69,7 @@ __all__ = [
     "load_image",
     "make_demo_imagefolder",
     "make_loader",
+    "normalize",
     "prefetch_to_device",
     "random_resized_crop_params",
     "resize",
@@ -482,6 +483,54 @@ def to_normalized_array(
         raise ConfigError(f"Expected an RGB image or a (H, W, 3) array, got shape {pixels.shape}.")
     x = pixels.astype(np.float32) / np.float32(255)
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def normalize(
+    images: np.ndarray,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> np.ndarray:
+    """uint8 pixels (a batch ``(..., H, W, 3)`` or one image) to float32, as torchvision.
+
+    The reference for normalising the uint8 batches of ``make_loader(..., dtype=np.uint8)``
+    elsewhere (e.g. inside a jitted step): the float32 operations of ``ToTensor()`` then
+    ``Normalize(mean, std)`` in their order (divide by 255, subtract the mean, divide by the
+    std), each correctly rounded, so the result is bit-identical to torchvision's tensor
+    transposed to channels-last, and to the default float32 batches of `make_loader`.
+
+    Args:
+        images: uint8 array whose last axis holds the 3 channels.
+        mean: per-channel mean (the loader's ``loader.mean``).
+        std: per-channel standard deviation (the loader's ``loader.std``).
+
+    Returns:
+        float32 array of the same shape.
+
+    Example:
+        >>> import numpy as np
+        >>> from jtransfer import data
+        >>> white = np.full((1, 1, 1, 3), 255, np.uint8)
+        >>> data.normalize(white)[0, 0, 0].astype(float).round(4).tolist()
+        [2.2489, 2.4286, 2.64]
+    """
+    pixels = np.asarray(images)
+    if pixels.dtype != np.uint8 or pixels.ndim < 3 or pixels.shape[-1] != 3:
+        raise ConfigError(
+            f"normalize expects uint8 pixels with 3 channels last, got {pixels.dtype} of shape "
+            f"{pixels.shape}. Pass the images of a make_loader(..., dtype=np.uint8) batch."
+        )
+    out = np.empty(pixels.shape, np.float32)
+    _normalize_into(pixels, out, mean, std)
+    return out
+
+
+def _normalize_into(
+    pixels: np.ndarray, out: np.ndarray, mean: Sequence[float], std: Sequence[float]
+) -> None:
+    """`normalize` writing into ``out`` (float32, same shape): three in-place passes."""
+    np.divide(pixels, np.float32(255), out=out, dtype=np.float32)
+    np.subtract(out, np.asarray(mean, np.float32), out=out)
+    np.divide(out, np.asarray(std, np.float32), out=out)
 
 
 def random_resized_crop_params(

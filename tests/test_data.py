@@ -249,6 +249,17 @@ class _TorchDraws:
         return int(torch.randint(low, high, size=(1,)).item())
 
 
+def test_normalize_batch_is_bit_identical_to_totensor_normalize():
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 17, 11, 3), dtype=np.uint8)
+    mean, std = (0.5, 0.25, 0.125), (0.2, 0.3, 0.4)
+    expected = np.stack([_torch_hwc(T.Normalize(mean, std)(T.ToTensor()(p))) for p in pixels])
+    got = data.normalize(pixels, mean, std)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
+    with pytest.raises(ConfigError, match="uint8"):
+        data.normalize(pixels.astype(np.float32))
+
+
 @pytest.mark.parametrize("height,width", [(217, 300), (300, 217), (40, 400), (224, 224)])
 def test_random_resized_crop_params_is_torchvisions_algorithm(height, width):
     # fed torch's random numbers, our function must pick torchvision's box
