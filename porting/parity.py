@@ -110,7 +110,7 @@ def torch_model(arch: str, seed: int = 0) -> torch.nn.Module:
 def torch_stage_outputs(net: torch.nn.Module, arch: str, x: torch.Tensor) -> dict[str, np.ndarray]:
     """Logits and each stage's output (ResNet layer1..4, VGG each pool), NHWC."""
     stages: dict[str, torch.nn.Module] = {}
-    if arch.startswith("resnet"):
+    if jt.models.family(arch).name == "resnet":
         stages = {f"layer{i}": getattr(net, f"layer{i}") for i in range(1, 5)}
         logits_name = "fc"
     else:
@@ -251,7 +251,7 @@ def train_mode(net, arch, variables, size, batch, seed) -> dict[str, float]:
         ref = tnet(x).numpy()
         ref64 = t64(x.double()).numpy()
     maps, stats = _jax_forward(arch, True)(variables, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
-    logits = maps["fc" if arch.startswith("resnet") else "classifier"]
+    logits = maps[jt.models.family(arch).head.split("_")[0]]
     sd, sd64 = tnet.state_dict(), t64.state_dict()
     worst = worst64 = torch64 = 0.0
     for path, value in traverse_util.flatten_dict({"batch_stats": stats}).items():

@@ -117,10 +117,20 @@ def _head_rows(sd: Mapping[str, np.ndarray], arch: str) -> int | None:
     return None if bias is None or bias.ndim != 1 else int(bias.shape[0])
 
 
-def _guess_arch(keys: set[str]) -> str | None:
+def _guess_arch(sd: Mapping[str, np.ndarray]) -> str | None:
+    """The architecture whose keys, and shapes outside the head, are the checkpoint's.
+
+    Names alone do not tell resnet50 from resnext50_32x4d or wide_resnet50_2
+    (torchvision uses the same keys); the Bottleneck widths do.
+    """
     for arch in jt.models.ARCHS:
-        expected = set(expected_keys(arch))
-        if expected == keys:
+        expected = expected_keys(arch)
+        if set(expected) != set(sd):
+            continue
+        head = jt.models.family(arch).head.replace("_", ".") + "."
+        if all(
+            tuple(sd[k].shape) == shape for k, shape in expected.items() if not k.startswith(head)
+        ):
             return arch
     return None
 
@@ -215,7 +225,7 @@ def _mismatch_message(arch, sd, missing, unexpected, mis_shaped) -> str:
     hint = "Pass the architecture the weights were trained with"
     if sd and all(k.startswith("module.") for k in sd):
         hint = "The keys start with 'module.' (saved from DataParallel): strip that prefix"
-    elif (guess := _guess_arch(set(sd))) is not None and guess != arch:
+    elif (guess := _guess_arch(sd)) is not None and guess != arch:
         hint = f"These are {guess} weights: pass arch={guess!r}"
     elif not missing and not unexpected:
         hint = (

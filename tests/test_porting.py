@@ -171,6 +171,57 @@ def test_load_matching_reports_loaded_skipped_and_left_at_init(sd):
     assert "skipped 2" in str(report)
 
 
+@pytest.mark.parametrize(
+    ("arch", "same_keys_as"),
+    [
+        ("resnext50_32x4d", "resnet50"),
+        ("wide_resnet50_2", "resnet50"),
+        ("resnext101_32x8d", "resnet101"),
+        ("resnext101_64x4d", "resnext101_32x8d"),
+        ("wide_resnet101_2", "resnet101"),
+    ],
+)
+def test_wrong_arch_among_same_named_keys_is_told_apart_by_shapes(arch, same_keys_as):
+    # torchvision's ResNeXt and Wide ResNet use ResNet's key names: only widths differ.
+    sd = {k: np.zeros(shape, np.float32) for k, shape in porting.expected_keys(arch).items()}
+    with pytest.raises(porting.PortingError) as e:
+        porting.from_torchvision(sd, same_keys_as)
+    assert f"These are {arch} weights: pass arch='{arch}'" in str(e.value)
+
+
+# torchvision 0.2x's published files for the grouped / wide ResNets (the enums'
+# URLs); DEFAULT is the newest tag, and resnext101_64x4d has only V1.
+_TV_FILES = {
+    ("resnext50_32x4d", "IMAGENET1K_V1"): "resnext50_32x4d-7cdf4587.pth",
+    ("resnext50_32x4d", "IMAGENET1K_V2"): "resnext50_32x4d-1a0047aa.pth",
+    ("resnext50_32x4d", "DEFAULT"): "resnext50_32x4d-1a0047aa.pth",
+    ("resnext101_32x8d", "IMAGENET1K_V1"): "resnext101_32x8d-8ba56ff5.pth",
+    ("resnext101_32x8d", "IMAGENET1K_V2"): "resnext101_32x8d-110c445d.pth",
+    ("resnext101_32x8d", "DEFAULT"): "resnext101_32x8d-110c445d.pth",
+    ("resnext101_64x4d", "IMAGENET1K_V1"): "resnext101_64x4d-173b62eb.pth",
+    ("resnext101_64x4d", "DEFAULT"): "resnext101_64x4d-173b62eb.pth",
+    ("wide_resnet50_2", "IMAGENET1K_V1"): "wide_resnet50_2-95faca4d.pth",
+    ("wide_resnet50_2", "IMAGENET1K_V2"): "wide_resnet50_2-9ba9bcbe.pth",
+    ("wide_resnet50_2", "DEFAULT"): "wide_resnet50_2-9ba9bcbe.pth",
+    ("wide_resnet101_2", "IMAGENET1K_V1"): "wide_resnet101_2-32ee1156.pth",
+    ("wide_resnet101_2", "IMAGENET1K_V2"): "wide_resnet101_2-d733dc28.pth",
+    ("wide_resnet101_2", "DEFAULT"): "wide_resnet101_2-d733dc28.pth",
+}
+
+
+@pytest.mark.parametrize(("arch", "tag"), sorted(_TV_FILES))
+def test_grouped_and_wide_resnet_weight_tags_name_torchvisions_files(arch, tag, monkeypatch):
+    monkeypatch.delenv(porting.io.BASE_URL_ENV, raising=False)
+    name = _TV_FILES[arch, tag]
+    assert porting.io.weights_url(arch, tag) == f"https://download.pytorch.org/models/{name}"
+    assert porting.io.hash_prefix(name) == name.rsplit("-", 1)[1].split(".")[0]
+
+
+def test_resnext101_64x4d_has_no_v2_weights():
+    with pytest.raises(jt.ConfigError, match="DEFAULT, IMAGENET1K_V1. Or pass a path"):
+        porting.load_pretrained("resnext101_64x4d", weights="IMAGENET1K_V2")
+
+
 def test_unknown_arch_and_weights_tag_are_config_errors():
     with pytest.raises(jt.ConfigError, match="resnet18"):
         jt.models.create("resnet19")
@@ -253,6 +304,15 @@ def test_offline_error_names_the_url_and_how_to_pass_a_local_file(weights_server
     msg = str(e.value)
     assert "http://127.0.0.1:9/models/resnet18-f37072fd.pth" in msg
     assert "--weights" in msg and "weights=" in msg
+
+
+def test_offline_resnext_download_names_its_url_file_and_hash(weights_server, monkeypatch):
+    monkeypatch.setenv(porting.io.BASE_URL_ENV, "http://127.0.0.1:9/models")  # discard port
+    with pytest.raises(jt.DownloadError) as e:
+        porting.load_pretrained("resnext50_32x4d", "IMAGENET1K_V2", progress=False)
+    msg = str(e.value)
+    assert "http://127.0.0.1:9/models/resnext50_32x4d-1a0047aa.pth" in msg
+    assert "--weights /path/to/resnext50_32x4d-1a0047aa.pth" in msg
 
 
 def test_load_pretrained_accepts_a_local_path(sd, tmp_path):
