@@ -61,7 +61,7 @@ import optax
 from flax import linen as nn
 from flax import traverse_util
 
-from jtransfer import heads, models, partition
+from jtransfer import heads, models, partition, train
 from jtransfer.errors import ConfigError, DataError
 from jtransfer.models.layers import head_init
 
@@ -176,8 +176,12 @@ def _resolve(model: nn.Module, stages: StageSpec) -> tuple[tuple[str, str], ...]
 # extract
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _stage_outputs(model: nn.Module, keys: tuple[str, ...], variables, x) -> dict[str, jax.Array]:
+@functools.partial(jax.jit, static_argnums=(0, 1, 4, 5))
+def _stage_outputs(
+    model: nn.Module, keys: tuple[str, ...], variables, x, mean=None, std=None
+) -> dict[str, jax.Array]:
+    # uint8 pixels are normalised here, on the device (`train.normalize_images`).
+    x = train.normalize_images(x, mean, std)
     # XLA drops whatever the requested stages do not need (e.g. the head for "layer4").
     maps = model.apply(variables, x, train=False, method="feature_maps")
     return {k: maps[k].astype(jnp.float32) for k in keys}
@@ -187,7 +191,7 @@ def _batches(images: Any, batch_size: int) -> Iterator[np.ndarray]:
     if hasattr(images, "shape") and hasattr(images, "__getitem__"):
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ConfigError(
-                f"images must be (N, H, W, 3) ImageNet-normalised floats, got shape "
+                f"images must be (N, H, W, 3) normalised floats or uint8 pixels, got shape "
                 f"{tuple(images.shape)}"
             )
         for start in range(0, images.shape[0], batch_size):
@@ -204,6 +208,8 @@ def extract(
     *,
     stages: StageSpec = PRELOGITS,
     batch_size: int = 64,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> dict[str, np.ndarray]:
     """The outputs of named stages for a set of images, in eval mode.
 
@@ -214,13 +220,16 @@ def extract(
     Args:
         model: a module from `jt.models.create`.
         variables: its {"params", "batch_stats"}.
-        images: float32 (N, H, W, 3) ImageNet-normalised images (numpy or jax), or an iterable
+        images: float32 (N, H, W, 3) normalised images (numpy or jax), or an iterable
             of batches (such arrays, or {"image": ...} dicts, e.g. a `data.make_loader`
-            evaluation loader).
+            evaluation loader); or the same as uint8 pixels, normalised on the device with
+            `mean` and `std` to the bits of the float32 path (`train.normalize_images`).
         stages: a name or a sequence of names from `stage_names(model)` (e.g. "layer4",
             ("layer2", "layer3"), "prelogits"), or integer indices into
             `feature_levels(model)` as timm's ``out_indices``.
         batch_size: images per call when `images` is an array.
+        mean: per-channel mean for uint8 images; default ImageNet's.
+        std: per-channel standard deviation for uint8 images; default ImageNet's.
 
     Returns:
         {name as requested (indices become their stage name): float32 numpy array with N
@@ -242,6 +251,7 @@ def extract(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     wanted = _resolve(model, stages)
     keys = tuple(dict.fromkeys(k for _, k in wanted))
+    mean, std = train.check_normalization(mean, std)
     variables = models.prepare_inference(model, variables)  # kernel transforms once, not per batch
     pieces: dict[str, list[jax.Array]] = {k: [] for k in keys}
     size = None
@@ -252,10 +262,11 @@ def extract(
         size = size or n
         if n > size:
             raise ConfigError(f"batch of {n} images after a first batch of {size}")
-        x = jnp.asarray(batch, jnp.float32)
+        x = jnp.asarray(batch)
+        x = x if x.dtype == jnp.uint8 else x.astype(jnp.float32)
         if n < size:  # pad: eval-mode outputs are per example, the padding is sliced off
             x = jnp.concatenate([x, jnp.zeros((size - n, *x.shape[1:]), x.dtype)])
-        out = _stage_outputs(model, keys, variables, x)  # dispatched asynchronously
+        out = _stage_outputs(model, keys, variables, x, mean, std)  # dispatched asynchronously
         for k in keys:
             pieces[k].append(out[k][:n])
     if size is None:

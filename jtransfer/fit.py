@@ -57,7 +57,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -248,17 +248,24 @@ def _padded(batches: Iterable[Mapping[str, Any]], size: int, n_dev: int) -> Iter
     """Pads each batch to `size` (rounded up to a multiple of `n_dev`) with label -1 examples.
 
     One batch shape means one compilation, and any batch can be split over the devices.
+    uint8 images stay uint8 (normalised on the device), others become float32.
     """
     for batch in batches:
         n = len(batch["label"])
         target = max(size, n)
         target += -target % n_dev
-        image = np.asarray(batch["image"], np.float32)
+        image = _host_images(batch["image"])
         label = np.asarray(batch["label"], np.int32)
         if n < target:
-            image = np.concatenate([image, np.zeros((target - n, *image.shape[1:]), np.float32)])
+            image = np.concatenate([image, np.zeros((target - n, *image.shape[1:]), image.dtype)])
             label = np.concatenate([label, np.full((target - n,), -1, np.int32)])
         yield {"image": image, "label": label}
+
+
+def _host_images(images: Any) -> np.ndarray:
+    """uint8 pixels as they are (a quarter of the bytes to the device), anything else float32."""
+    images = np.asarray(images)
+    return images if images.dtype == np.uint8 else images.astype(np.float32, copy=False)
 
 
 def _host_metrics(logits: np.ndarray, label: np.ndarray) -> dict[str, float]:
@@ -287,15 +294,32 @@ def _for_inference(model: nn.Module, compute_dtype: Any, variables: dict[str, An
     return models.prepare_inference(train._with_dtype(model, compute_dtype), variables)
 
 
-def _make_logits_fn(model: nn.Module, mesh: Mesh, compute_dtype: Any, precision: str | None):
-    """jit `(variables, images) -> float32 logits`, BatchNorm on running statistics."""
+def _make_logits_fn(
+    model: nn.Module,
+    mesh: Mesh,
+    compute_dtype: Any,
+    precision: str | None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+):
+    """jit `(variables, images) -> float32 logits`, BatchNorm on running statistics.
+
+    uint8 images are normalised on the device with `mean` and `std` (`train.normalize_images`).
+    """
     devices = tuple(mesh.devices.flat)
-    return _cached_logits_fn(model, devices, mesh.axis_names, compute_dtype, precision)
+    mean, std = train.check_normalization(mean, std)
+    return _cached_logits_fn(model, devices, mesh.axis_names, compute_dtype, precision, mean, std)
 
 
 @functools.lru_cache(maxsize=16)
 def _cached_logits_fn(
-    model: nn.Module, devices: tuple, axis_names: tuple, compute_dtype: Any, precision: str | None
+    model: nn.Module,
+    devices: tuple,
+    axis_names: tuple,
+    compute_dtype: Any,
+    precision: str | None,
+    mean: tuple[float, ...] | None,
+    std: tuple[float, ...] | None,
 ):
     # One jitted function per model and devices: later calls (each epoch's evaluation, the
     # next run's, repeated `predict`s) reuse its compilations.
@@ -303,6 +327,7 @@ def _cached_logits_fn(
     model = train._with_dtype(model, compute_dtype)
 
     def logits_fn(variables, images):
+        images = train.normalize_images(images, mean, std)
         return model.apply(variables, images, train=False).astype(jnp.float32)
 
     return jax.jit(
@@ -351,6 +376,8 @@ def evaluate(
     mesh: Mesh | None = None,
     compute_dtype: Any = None,
     precision: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> dict[str, float]:
     """Loss and top-1 accuracy of a model on every example of a loader.
 
@@ -361,10 +388,13 @@ def evaluate(
         model: the flax module.
         variables: {"params", "batch_stats"}, or a `train.TrainState`.
         loader: e.g. `data.make_loader(folder, batch_size=..., train=False)`, or any iterable
-            of {"image": (N, H, W, 3), "label": (N,)} batches.
+            of {"image": (N, H, W, 3), "label": (N,)} batches; the images float32 normalised,
+            or uint8 pixels normalised on the device (`train.normalize_images`).
         mesh: devices to split batches over; default: every local device.
         compute_dtype: e.g. jnp.bfloat16 (parameters stay float32).
         precision: float32 precision of convolutions and products; see `train.make_train_step`.
+        mean: per-channel mean for uint8 images; default ImageNet's.
+        std: per-channel standard deviation for uint8 images; default ImageNet's.
 
     Returns:
         {"loss": mean cross-entropy per example, "accuracy": top-1, "count": examples}.
@@ -372,7 +402,7 @@ def evaluate(
     mesh = mesh or train.data_parallel_mesh()
     on_devices = train.replicate(_model_variables(variables), mesh)
     on_devices = _for_inference(model, compute_dtype, on_devices)
-    logits_fn = _make_logits_fn(model, mesh, compute_dtype, precision)
+    logits_fn = _make_logits_fn(model, mesh, compute_dtype, precision, mean, std)
     return _run_eval(logits_fn, on_devices, loader, mesh)
 
 
@@ -385,24 +415,29 @@ def predict(
     mesh: Mesh | None = None,
     compute_dtype: Any = None,
     precision: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Logits for images, in batches (BatchNorm on running statistics).
 
     Args:
         model: the flax module.
         variables: {"params", "batch_stats"}, or a `train.TrainState`.
-        images: float32 (N, H, W, 3) or one (H, W, 3) image, ImageNet-normalised (e.g. from
-            `data.eval_transform`).
+        images: float32 (N, H, W, 3) or one (H, W, 3) image, normalised (e.g. from
+            `data.eval_transform`), or uint8 pixels, normalised on the device with `mean`
+            and `std` (`train.normalize_images`).
         batch_size: images per compiled call; fewer images are padded to a power of two.
         mesh: devices to split batches over; default: every local device.
         compute_dtype: e.g. jnp.bfloat16 (parameters stay float32).
         precision: float32 precision of convolutions and products; see `train.make_train_step`.
+        mean: per-channel mean for uint8 images; default ImageNet's.
+        std: per-channel standard deviation for uint8 images; default ImageNet's.
 
     Returns:
         float32 logits, (N, num_classes), or (num_classes,) for one image; `argmax(-1)` is the
         class index (`folder.classes[i]`), `jax.nn.softmax` the probabilities.
     """
-    x = np.asarray(images, np.float32)
+    x = _host_images(images)
     single = x.ndim == 3
     if single:
         x = x[None]
@@ -411,7 +446,7 @@ def predict(
     mesh = mesh or train.data_parallel_mesh()
     on_devices = jax.device_put(_model_variables(variables), _replicated(mesh))
     on_devices = _for_inference(model, compute_dtype, on_devices)
-    logits_fn = _make_logits_fn(model, mesh, compute_dtype, precision)
+    logits_fn = _make_logits_fn(model, mesh, compute_dtype, precision, mean, std)
     # Batches padded to a power of two (at most batch_size): few shapes, few compilations.
     size = min(batch_size, 1 << (len(x) - 1).bit_length())
     batches = (
@@ -675,6 +710,8 @@ def fit(
     on_epoch_end: Callable[[int, train.TrainState, dict[str, Any]], bool | None] | None = None,
     skip_nonfinite: bool = False,
     max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> tuple[train.TrainState, History]:
     """Trains for `epochs` epochs, evaluating after each; d2l's `train_ch13`, jitted.
 
@@ -686,7 +723,9 @@ def fit(
             backward pass and keep their `batch_stats` bit-identical).
         train_loader: `data.make_loader(folder, train=True, num_epochs=None, ...)` (each
             epoch its own shuffle; resumable), or any re-iterable of {"image", "label"}
-            numpy batches, iterated once per epoch.
+            numpy batches, iterated once per epoch. Images are float32 normalised, or uint8
+            pixels (``make_loader(..., dtype=np.uint8)``: a quarter of the bytes to the
+            device), normalised inside the compiled steps to the same bits.
         test_loader: evaluated after each epoch (`evaluate`); None to skip.
         learning_rate: base lr, a float or an optax schedule of the step.
         epochs: total epochs; with `start_epoch=k` only epochs k+1..epochs run.
@@ -724,6 +763,9 @@ def fit(
             epoch was skipped: a diverged run, not a bad batch.
         max_consecutive_skips: see `skip_nonfinite` (default 10). The count starts afresh
             in each call (a resumed run).
+        mean: per-channel mean that uint8 batches (training and test) are normalised with;
+            default ImageNet's (`data.IMAGENET_MEAN`). Float batches are used as they are.
+        std: per-channel standard deviation for uint8 batches; default ImageNet's.
 
     Returns:
         (the final TrainState, the history: one dict per epoch run, keys `HISTORY_KEYS`).
@@ -768,8 +810,10 @@ def fit(
         mesh=mesh,
         skip_nonfinite=skip_nonfinite,
         frozen_params=partition.frozen_params(params, rules),
+        mean=mean,
+        std=std,
     )
-    logits_fn = _make_logits_fn(model, mesh, compute_dtype, precision)
+    logits_fn = _make_logits_fn(model, mesh, compute_dtype, precision, mean, std)
     if state is None:
         state = train.create_train_state(model, variables, tx, seed, mesh=mesh)
     else:

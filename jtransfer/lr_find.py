@@ -295,6 +295,8 @@ def lr_find(
     seed: int = 0,
     arch: str | None = None,
     log: Callable[[str], Any] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     **optimizer_kw,
 ) -> LRFindResult:
     """Runs the range test and reads a suggestion off it.
@@ -311,6 +313,7 @@ def lr_find(
             scale the swept rate; frozen groups stay bit-identical.
         loader: training batches {"image", "label"}, e.g. `data.make_loader(folder,
             train=True, num_epochs=None)`; a finite one is iterated again when exhausted.
+            Images float32 normalised, or uint8 pixels normalised on the device.
         start_lr: first base rate.
         end_lr: last base rate.
         num_steps: steps of the full sweep (100 to 300 is usual).
@@ -325,6 +328,8 @@ def lr_find(
         seed: the train state's PRNG seed (dropout).
         arch: the registry name of `model`; default: inferred.
         log: called with a short progress line every tenth of the sweep; None for silence.
+        mean: per-channel mean for uint8 batches; default ImageNet's.
+        std: per-channel standard deviation for uint8 batches; default ImageNet's.
 
     Returns:
         An `LRFindResult`.
@@ -353,6 +358,8 @@ def lr_find(
         frozen_stages=fit.frozen_stages_for(arch, rules),
         compute_dtype=compute_dtype,
         frozen_params=partition.frozen_params(variables["params"], rules),
+        mean=mean,
+        std=std,
     )
     state = train.create_train_state(model, variables, tx, seed)
     planned = exponential_lrs(start_lr, end_lr, num_steps)

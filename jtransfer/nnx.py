@@ -318,7 +318,9 @@ def train_step(
     Args:
         module: a `Model`.
         optimizer: from `make_optimizer` on this module.
-        batch: ``{"image": float32 (N, H, W, 3), "label": int32 (N,)}``.
+        batch: ``{"image": (N, H, W, 3), "label": int32 (N,)}``, the images float32
+            normalised or uint8 pixels normalised in the step with ImageNet's mean and std
+            (`jtransfer.train.normalize_images`).
         loss_reduction: "sum" (d2l) or "mean" (torch's default).
         bn_policy: "train" (torch ``net.train()``) or "frozen" (running statistics).
         frozen_stages: a static int k: the first k stages run BatchNorm on running

@@ -31,7 +31,13 @@ for its cuDNN convolutions by default; "highest" computes them in full float32
 (slower on a GPU; what parity needs). On the CPU both give the same bits. It
 does not apply to bfloat16 compute (`compute_dtype`). See docs/guides/precision.md.
 
-Batches are ``{"image": float32 (N, H, W, 3) ImageNet-normalised, "label": int32 (N,)}``.
+Batches are ``{"image": (N, H, W, 3), "label": int32 (N,)}``. The images are either
+float32, already normalised (``ToTensor`` then ``Normalize``, `jtransfer.data`'s
+transforms), or uint8 pixels (what torchvision holds before ``ToTensor``;
+``make_loader(..., dtype=np.uint8)``), a quarter of the bytes to move, which every step
+normalises on the device with `normalize_images`, to the same float32 bits. The dtype is
+read when the step is traced, so each kind compiles once. uint8 images are normalised with
+``mean``/``std`` (default ImageNet's, `jtransfer.data.IMAGENET_MEAN` and ``IMAGENET_STD``).
 
 Example:
     >>> import jax.numpy as jnp, optax
@@ -51,8 +57,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -289,7 +296,107 @@ def _check_options(model, loss_reduction, bn_policy, frozen_stages) -> None:
         )
 
 
-def _loss_fn(model, loss_reduction: str, bn_policy: str, frozen_params=None):
+def check_normalization(
+    mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """`mean` and `std` as tuples of 3 floats (None stays None: ImageNet's, when used).
+
+    Raises:
+        ConfigError: not 3 finite numbers each, or a std that is not positive.
+    """
+
+    def one(name: str, value: Sequence[float] | None) -> tuple[float, ...] | None:
+        if value is None:
+            return None
+        try:
+            out = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            out = ()
+        if len(out) != 3 or not all(math.isfinite(v) for v in out):
+            raise ConfigError(
+                f"{name} must be 3 numbers, one per RGB channel in [0, 1] units as torchvision's "
+                f"Normalize takes them (e.g. ImageNet's {name} (0.485, 0.456, 0.406)), got "
+                f"{value!r}"
+            )
+        if name == "std" and min(out) <= 0:
+            raise ConfigError(f"std must be > 0 for every channel, got {value!r}")
+        return out
+
+    return one("mean", mean), one("std", std)
+
+
+@functools.lru_cache(maxsize=16)
+def _pixel_table(mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> np.ndarray:
+    """float32 (256, 3): the normalised value of each uint8 pixel value in each channel.
+
+    Made by `jtransfer.data.to_normalized_array` itself, the host transform, so a looked-up
+    value has its bits by construction. (The same arithmetic compiled by XLA would not: it
+    turns a division by a constant into a multiplication by its reciprocal, which is not
+    correctly rounded; on the CPU 7 in 10 outputs of ``x / 255`` then ``/ std`` differed in
+    their last bit.)
+    """
+    from jtransfer import data  # grain and PIL: imported when a uint8 batch is first traced
+
+    mean = data.IMAGENET_MEAN if mean is None else mean
+    std = data.IMAGENET_STD if std is None else std
+    pixels = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)  # (256, 1, 3)
+    table = data.to_normalized_array(pixels, mean, std)[:, 0, :]
+    return np.ascontiguousarray(table, np.float32)
+
+
+def normalize_images(
+    images: Array, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> Array:
+    """Images as the model takes them: uint8 pixels normalised, float images unchanged.
+
+    uint8 ``(..., 3)`` pixels become float32 ``ToTensor()`` then ``Normalize(mean, std)``,
+    bit-identical to `jtransfer.data.to_normalized_array` on the host (the float32
+    division by 255, the subtraction and the division by the std, in torchvision's order):
+    each value is looked up in a 256 x 3 table that transform made. Inside a jitted step
+    this is where the normalising happens, on the device. Floating-point images are taken
+    to be normalised already and returned as they are, whatever `mean` and `std` say.
+
+    Args:
+        images: uint8 or floating-point images, channels last.
+        mean: per-channel mean for uint8 images; default ImageNet's
+            (`jtransfer.data.IMAGENET_MEAN`).
+        std: per-channel standard deviation for uint8 images; default ImageNet's.
+
+    Returns:
+        float32 images for uint8 input, else `images`.
+
+    Raises:
+        ConfigError: another dtype (e.g. int32 or uint16 pixels), uint8 images without 3
+            channels, or a bad mean or std.
+
+    Example:
+        >>> import numpy as np
+        >>> from jtransfer import data
+        >>> pixels = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), np.uint8)
+        >>> on_device = np.asarray(normalize_images(pixels))
+        >>> on_device.dtype, np.array_equal(on_device[0], data.to_normalized_array(pixels[0]))
+        (dtype('float32'), True)
+    """
+    dtype = np.dtype(images.dtype)
+    if np.issubdtype(dtype, np.floating) or dtype == jnp.bfloat16:
+        return images
+    if dtype != np.uint8:
+        raise ConfigError(
+            f"batch images must be uint8 pixels (normalised on the device) or floats already "
+            f"normalised, got {dtype}; convert 0..255 pixels with .astype(np.uint8), or use "
+            "jtransfer.data's loader"
+        )
+    if images.ndim < 1 or images.shape[-1] != 3:
+        raise ConfigError(
+            f"uint8 images must be RGB, channels last (..., H, W, 3), got shape "
+            f"{tuple(images.shape)}"
+        )
+    table = jnp.asarray(_pixel_table(*check_normalization(mean, std)))
+    channel = jnp.arange(3, dtype=jnp.int32)
+    return table.at[jnp.asarray(images).astype(jnp.int32), channel].get(mode="promise_in_bounds")
+
+
+def _loss_fn(model, loss_reduction: str, bn_policy: str, frozen_params=None, mean=None, std=None):
     """(params, batch_stats, batch, rng, frozen_stages) -> (loss, (batch_stats, metrics))."""
 
     def loss_fn(params, batch_stats, batch, rng, frozen_stages):
@@ -303,7 +410,7 @@ def _loss_fn(model, loss_reduction: str, bn_policy: str, frozen_params=None):
         with _bn_context(bn_policy):
             logits, updates = model.apply(
                 variables,
-                batch["image"],
+                normalize_images(batch["image"], mean, std),
                 train=True,
                 frozen_stages=frozen_stages,
                 mutable=["batch_stats"],
@@ -334,13 +441,22 @@ def _jit(fn, mesh: Mesh | None, donate: bool):
 
 
 def _grads_and_metrics(
-    model, loss_reduction, bn_policy, frozen_stages, state, batch, frozen_params=None
+    model,
+    loss_reduction,
+    bn_policy,
+    frozen_stages,
+    state,
+    batch,
+    frozen_params=None,
+    mean=None,
+    std=None,
 ):
     fs = frozen_stages
     if callable(frozen_stages):
         fs = jnp.asarray(frozen_stages(state.step), jnp.int32)
     rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.grad(_loss_fn(model, loss_reduction, bn_policy, frozen_params), has_aux=True)
+    loss_fn = _loss_fn(model, loss_reduction, bn_policy, frozen_params, mean, std)
+    grad_fn = jax.grad(loss_fn, has_aux=True)
     grads, (batch_stats, metrics) = grad_fn(state.params, state.batch_stats, batch, rng, fs)
     return grads, batch_stats, metrics
 
@@ -390,6 +506,8 @@ def make_train_step(
     skip_nonfinite: bool = False,
     frozen_params: Any = None,
     precision: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """A jit-compiled `train_step(state, batch) -> (state, metrics)`.
 
@@ -432,6 +550,9 @@ def make_train_step(
         precision: float32 precision of convolutions and matrix products: None (XLA's
             default: TensorFloat-32 on recent NVIDIA GPUs) or "highest" (full float32);
             see the module docstring. The same bits on the CPU.
+        mean: per-channel mean that uint8 batches are normalised with (`normalize_images`);
+            default ImageNet's. Float batches are used as they are.
+        std: per-channel standard deviation for uint8 batches; default ImageNet's.
 
     Returns:
         The jitted step. `metrics` has "loss" (the reduced loss that was
@@ -441,11 +562,20 @@ def make_train_step(
     """
     _check_options(model, loss_reduction, bn_policy, frozen_stages)
     check_precision(precision)
+    mean, std = check_normalization(mean, std)
     model = _with_dtype(model, compute_dtype)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         grads, batch_stats, metrics = _grads_and_metrics(
-            model, loss_reduction, bn_policy, frozen_stages, state, batch, frozen_params
+            model,
+            loss_reduction,
+            bn_policy,
+            frozen_stages,
+            state,
+            batch,
+            frozen_params,
+            mean,
+            std,
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_state = state.replace(
@@ -489,6 +619,8 @@ def make_eval_step(
     *,
     compute_dtype: Any = None,
     precision: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> Callable[[TrainState | Mapping[str, Any], Batch], Metrics]:
     """A jit-compiled `eval_step(state, batch) -> metrics` (BatchNorm on running statistics).
 
@@ -503,11 +635,14 @@ def make_eval_step(
         mesh: as for `make_train_step`.
         compute_dtype: as for `make_train_step`.
         precision: as for `make_train_step`.
+        mean: as for `make_train_step` (uint8 batches only).
+        std: as for `make_train_step` (uint8 batches only).
 
     Returns:
         The jitted step; metrics "loss" (mean over the batch) and the summable
         "loss_sum", "correct", "count" (see `summarize`).
     """
+    mean, std = check_normalization(mean, std)
     model = _with_dtype(model, compute_dtype)
 
     def eval_step(state: TrainState | Mapping[str, Any], batch: Batch) -> Metrics:
@@ -522,7 +657,8 @@ def make_eval_step(
                 f"'batch_stats', got {got}; for bare params pass "
                 "{'params': params, 'batch_stats': batch_stats}"
             )
-        logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
+        images = normalize_images(batch["image"], mean, std)
+        logits = model.apply(variables, images, train=False).astype(jnp.float32)
         per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         metrics = _summable_metrics(logits, batch["label"], per_example)
         return {"loss": per_example.mean(), **metrics}
