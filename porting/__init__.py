@@ -16,10 +16,13 @@ Example:
     >>> tmp.cleanup()
 
     `load_pretrained("resnet18", num_classes=2)` does the same from torchvision's
-    download cache (or downloads the file).
+    download cache (or downloads the file); `load_pretrained("resnet50",
+    weights="hf-hub:timm/resnet50.a1_in1k")` from timm's weights on the Hugging Face hub
+    (`porting.hub`, `porting.timm`).
 """
 
 from jtransfer.errors import PortingError
+from porting.hub import load_timm
 from porting.io import read_state_dict
 from porting.torchvision import (
     HeadReinitialized,
@@ -40,6 +43,7 @@ __all__ = [
     "from_torchvision",
     "load_matching",
     "load_pretrained",
+    "load_timm",
     "read_state_dict",
     "to_torchvision",
     "torch_key",

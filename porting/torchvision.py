@@ -315,19 +315,21 @@ def load_matching(
 
 
 def load_pretrained(
-    arch: str,
+    arch: str | None,
     weights: str | os.PathLike = "DEFAULT",
     num_classes: int | None = None,
     *,
     progress: bool = True,
     seed: int = 0,
 ):
-    """A model and its variables from torchvision's published ImageNet weights.
+    """A model and its variables from torchvision's or timm's published ImageNet weights.
 
     Args:
-        arch: one of `jt.models.ARCHS`.
+        arch: one of `jt.models.ARCHS`; None takes timm's config.json's `architecture`.
         weights: "DEFAULT", a torchvision tag ("IMAGENET1K_V1", "IMAGENET1K_V2"),
-            or a path to a local `.pth`/`.safetensors` file.
+            a path to a local `.pth`/`.safetensors` file, a timm hub name
+            ("hf-hub:timm/resnet50.a1_in1k"), or a local timm checkpoint (a
+            directory, or a file with config.json beside it); see `porting.hub`.
         num_classes: None keeps ImageNet's 1000; another number re-initialises
             the head (see `from_torchvision`).
         progress: show a download progress bar.
@@ -341,8 +343,16 @@ def load_pretrained(
         (flax module, {"params", "batch_stats"}).
     """
     from jtransfer.download import fetch
+    from porting import hub
 
-    jt.models.family(arch)  # unknown arch -> ConfigError before any download
+    if arch is not None:
+        jt.models.family(arch)  # unknown arch -> ConfigError before any download
+    if hub.is_timm_source(weights):
+        arch, variables, _ = hub.load_timm(weights, arch, num_classes=num_classes, seed=seed)
+        n_out = variables["params"][jt.models.family(arch).head]["bias"].shape[0]
+        return jt.models.create(arch, num_classes=n_out), variables
+    if arch is None:
+        raise PortingError(f"weights {str(weights)!r} do not name their architecture: pass arch.")
     path = weights
     tag = str(weights)
     if not (os.path.sep in tag or tag.endswith((".pth", ".pt", ".safetensors"))):
