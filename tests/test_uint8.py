@@ -240,3 +240,41 @@ def test_nnx_train_step_uint8(model, variables):
         modules.append(jnnx.to_variables(module))
     assert_same_bits(metrics[0], metrics[1])
     assert_same_bits(modules[0], modules[1])
+
+
+_SHARDED = """
+import json
+import jax, numpy as np, optax
+import jtransfer as jt
+from jtransfer import partition, train
+from tests.test_uint8 import host_normalized, labels, pixels
+
+assert jax.device_count() == 2, jax.devices()
+model = jt.models.create("resnet18", num_classes=3)
+variables = jt.models.random_variables(model, image_size=32)
+rules = partition.preset("resnet18", "head")  # cheap to compile: no backward below fc
+tx = partition.make_optimizer(variables["params"], rules, learning_rate=0.01)
+mesh = train.data_parallel_mesh()
+step = train.make_train_step(
+    model, tx, mesh=mesh, frozen_stages=partition.frozen_prefix("resnet18", rules)
+)
+out = {}
+for name in ("float32", "uint8"):
+    state = train.create_train_state(model, variables, tx, mesh=mesh)
+    x = pixels(7)
+    image = host_normalized(x) if name == "float32" else x
+    batch = train.shard_batch({"image": image, "label": labels(7)}, mesh)
+    out[name + "_devices"] = len(batch["image"].sharding.device_set)
+    state, metrics = step(state, batch)
+    leaves = jax.tree.leaves(jax.device_get((state, metrics)))
+    out[name] = [np.asarray(v).tobytes().hex() for v in leaves]
+print(json.dumps(out))
+"""
+
+
+def test_data_parallel_step_uint8_on_two_devices():
+    from tests.test_train import run_on_two_cpu_devices
+
+    result = run_on_two_cpu_devices(_SHARDED)
+    assert result["uint8_devices"] == result["float32_devices"] == 2
+    assert result["uint8"] == result["float32"]
