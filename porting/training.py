@@ -792,9 +792,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     p.add_argument(
         "--recipe-error",
+        nargs="+",
         choices=list(RECIPE_ERRORS),
-        default=None,
-        help="give the jax side this mistake (to see the comparison fail)",
+        default=[None],
+        help="give the jax side this mistake (to see the comparison fail); several run one "
+        "after the other in this process, one report each",
     )
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="only the summary table")
@@ -810,8 +812,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             s = replace(s, steps=args.steps)
         if args.seed is not None:
             s = replace(s, seed=args.seed)
-        reports.append(compare(s, precision=precision, recipe_error=args.recipe_error))
-        print(f"{name}: {reports[-1].seconds:.0f}s" if args.quiet else reports[-1], flush=True)
+        for error in args.recipe_error:
+            reports.append(compare(s, precision=precision, recipe_error=error))
+            print(f"{name}: {reports[-1].seconds:.0f}s" if args.quiet else reports[-1], flush=True)
     print(markdown(reports))
     if args.json:
         with open(args.json, "w") as f:

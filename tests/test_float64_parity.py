@@ -37,9 +37,9 @@ TIGHT = {"float32": 2e-6, "float64": 1e-10}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_float64(tmp_path, *args: str, **env: str) -> dict[str, dict]:
+def run_float64(tmp_path, *args: str, **env: str) -> list[dict]:
     """`python -m porting.training --float64 ARGS` in a fresh process (`env` added to
-    its environment); its reports by scenario."""
+    its environment); its reports, in the order it ran them."""
     out = tmp_path / "parity.json"
     proc = subprocess.run(
         [sys.executable, "-m", "porting.training", "--float64", "-q", "--json", str(out), *args],
@@ -51,26 +51,41 @@ def run_float64(tmp_path, *args: str, **env: str) -> dict[str, dict]:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(proc.stdout)
-    return {r["scenario"]: r for r in json.loads(out.read_text())}
+    return json.loads(out.read_text())
 
 
 def worst(report: dict, quantity: str, first_steps: int | None = None) -> float:
     return max(step[quantity] for step in report["steps"][:first_steps])
 
 
-# Both convolution paths: jtransfer's CPU forms ("auto") and XLA's own convolutions
-# with XLA's autodiff ("xla"), the path of every GPU and TPU.
-@pytest.fixture(scope="module", params=["auto", "xla"])
-def reports(request, tmp_path_factory):
-    # One process per path for all scenarios: imports and start-up are paid once.
-    env = {"JTRANSFER_CONV": "xla"} if request.param == "xla" else {}
-    tmp = tmp_path_factory.mktemp("float64")
-    return run_float64(tmp, "--scenarios", *T.SCENARIOS, **env)
+# Both convolution paths: jtransfer's CPU forms ("auto") run every scenario; XLA's own
+# convolutions with XLA's autodiff ("xla", the path of every GPU and TPU) run one ResNet and
+# one VGG-BN scenario whose every layer trains with train-mode BatchNorm: the other three
+# differ from these in the recipe (per-layer rates, frozen prefixes), which does not depend on
+# how a convolution is computed. (They pass on "xla" too: `JTRANSFER_CONV=xla python -m
+# porting.training --float64`.) One process per path: imports and start-up are paid once.
+XLA_SCENARIOS = ("d2l", "vgg_bn_features")
+CASES = [("auto", name) for name in T.SCENARIOS] + [("xla", name) for name in XLA_SCENARIOS]
 
 
-@pytest.mark.parametrize("name", list(T.SCENARIOS))
-def test_every_recipe_matches_torch_in_float64_for_all_its_steps(reports, name):
-    report = reports[name]
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    runs = {}
+
+    def get(path: str) -> dict[str, dict]:
+        if path not in runs:
+            env = {"JTRANSFER_CONV": "xla"} if path == "xla" else {}
+            names = list(T.SCENARIOS) if path == "auto" else XLA_SCENARIOS
+            tmp = tmp_path_factory.mktemp(f"float64_{path}")
+            runs[path] = {r["scenario"]: r for r in run_float64(tmp, "--scenarios", *names, **env)}
+        return runs[path]
+
+    return get
+
+
+@pytest.mark.parametrize("conv_path,name", CASES)
+def test_every_recipe_matches_torch_in_float64_for_all_its_steps(reports, conv_path, name):
+    report = reports(conv_path)[name]
     assert report["precision"] == "float64"
     assert len(report["steps"]) == T.SCENARIOS[name].steps
     tight = TIGHT[report["jax_loss_dtype"]]
@@ -101,8 +116,17 @@ def test_conv_biases_before_train_mode_batchnorm_are_judged_by_their_layer():
     assert T.tensor_errors(got, ref, scale_from={"b": "w"})["b"] == pytest.approx(5e-16)
 
 
+@pytest.fixture(scope="module")
+def wrong_recipes(tmp_path_factory) -> dict[str, dict]:
+    # The recipe, not the convolutions, is under test: XLA's own compile faster. Every
+    # mistake runs in one process.
+    tmp = tmp_path_factory.mktemp("recipe_errors")
+    args = ("--scenarios", "d2l", "--steps", "2", "--recipe-error", *T.RECIPE_ERRORS)
+    return {r["recipe_error"]: r for r in run_float64(tmp, *args, JTRANSFER_CONV="xla")}
+
+
 @pytest.mark.parametrize("error", list(T.RECIPE_ERRORS))
-def test_a_wrong_recipe_on_the_jax_side_fails_the_comparison(tmp_path, error):
+def test_a_wrong_recipe_on_the_jax_side_fails_the_comparison(wrong_recipes, error):
     """The comparison is not blind: one recipe mistake on the jax side shows.
 
     A head at 1x instead of d2l's 10x moves the head's params by ~2e-2 at step 1,
@@ -110,10 +134,8 @@ def test_a_wrong_recipe_on_the_jax_side_fails_the_comparison(tmp_path, error):
     only lr * 9e-3 * |p| ~ 5e-6 per step, which the issue's 1e-5 / 1e-4 targets do
     not see: only the float64 bound does.
     """
-    # The recipe, not the convolutions, is under test: XLA's own compile faster.
-    args = ("--scenarios", "d2l", "--steps", "2", "--recipe-error", error)
-    report = run_float64(tmp_path, *args, JTRANSFER_CONV="xla")["d2l"]
-    assert report["recipe_error"] == error
+    report = wrong_recipes[error]
+    assert report["scenario"] == "d2l" and len(report["steps"]) == 2
     # d2l passes with the right recipe (above); with this mistake it fails there.
     assert worst(report, "params") > TIGHT[report["jax_loss_dtype"]], report["steps"]
     if error == "head_lr_mult":
