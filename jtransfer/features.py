@@ -228,8 +228,9 @@ def extract(
             ("layer2", "layer3"), "prelogits"), or integer indices into
             `feature_levels(model)` as timm's ``out_indices``.
         batch_size: images per call when `images` is an array.
-        mean: per-channel mean for uint8 images; default ImageNet's.
-        std: per-channel standard deviation for uint8 images; default ImageNet's.
+        mean: per-channel mean for uint8 images; default: a uint8 loader's
+            (``loader.mean``), else ImageNet's.
+        std: per-channel standard deviation for uint8 images; default: as `mean`.
 
     Returns:
         {name as requested (indices become their stage name): float32 numpy array with N
@@ -251,7 +252,9 @@ def extract(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     wanted = _resolve(model, stages)
     keys = tuple(dict.fromkeys(k for _, k in wanted))
-    mean, std = train.check_normalization(mean, std)
+    from jtransfer import fit
+
+    mean, std = fit.normalization(mean, std, images)
     variables = models.prepare_inference(model, variables)  # kernel transforms once, not per batch
     pieces: dict[str, list[jax.Array]] = {k: [] for k in keys}
     size = None

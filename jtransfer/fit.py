@@ -268,6 +268,53 @@ def _host_images(images: Any) -> np.ndarray:
     return images if images.dtype == np.uint8 else images.astype(np.float32, copy=False)
 
 
+def normalization(
+    mean: Sequence[float] | None, std: Sequence[float] | None, *loaders: Any
+) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """The mean and std that uint8 batches from `loaders` are normalised with.
+
+    A uint8 `data.ImageLoader` (``make_loader(..., dtype=np.uint8)``) carries the mean and
+    std it was made with (``loader.mean``, ``loader.std``, e.g. a timm weights' own): they
+    are the default, so a loader made for other statistics is normalised with them. Float32
+    loaders have normalised their batches already and say nothing here.
+
+    Args:
+        mean: the caller's mean, or None (the loaders', else ImageNet's).
+        std: the caller's std, or None.
+        *loaders: where the batches come from; only `data.ImageLoader` ones are read.
+
+    Returns:
+        (mean, std) as tuples, or None for ImageNet's.
+
+    Raises:
+        ConfigError: a given mean or std that differs from a uint8 loader's, or two uint8
+            loaders with different ones.
+    """
+    mean, std = train.check_normalization(mean, std)
+    found = {
+        train.check_normalization(getattr(loader, "mean", None), getattr(loader, "std", None))
+        for loader in loaders
+        if isinstance(loader, data.ImageLoader)
+        and np.dtype(getattr(loader, "dtype", np.float32)) == np.uint8
+    }
+    if len(found) > 1:
+        raise ConfigError(
+            f"the uint8 loaders were made with different mean/std {sorted(found)}: make them "
+            "with the same mean= and std= (those of the weights' preprocessing)"
+        )
+    if not found:
+        return mean, std
+    ((loader_mean, loader_std),) = found
+    for name, given, loader_value in (("mean", mean, loader_mean), ("std", std, loader_std)):
+        if given is not None and given != loader_value:
+            raise ConfigError(
+                f"{name}={list(given)} differs from the {name} {list(loader_value)} the uint8 "
+                f"loader was made with; leave {name} out (the loader's is used) or make the "
+                f"loader with make_loader(..., {name}=...)"
+            )
+    return loader_mean, loader_std
+
+
 def _host_metrics(logits: np.ndarray, label: np.ndarray) -> dict[str, float]:
     """Summable metrics of the real (label >= 0) examples of a padded batch."""
     real = label >= 0
@@ -393,12 +440,14 @@ def evaluate(
         mesh: devices to split batches over; default: every local device.
         compute_dtype: e.g. jnp.bfloat16 (parameters stay float32).
         precision: float32 precision of convolutions and products; see `train.make_train_step`.
-        mean: per-channel mean for uint8 images; default ImageNet's.
-        std: per-channel standard deviation for uint8 images; default ImageNet's.
+        mean: per-channel mean for uint8 images; default: the uint8 loader's
+            (``loader.mean``), else ImageNet's.
+        std: per-channel standard deviation for uint8 images; default: as `mean`.
 
     Returns:
         {"loss": mean cross-entropy per example, "accuracy": top-1, "count": examples}.
     """
+    mean, std = normalization(mean, std, loader)
     mesh = mesh or train.data_parallel_mesh()
     on_devices = train.replicate(_model_variables(variables), mesh)
     on_devices = _for_inference(model, compute_dtype, on_devices)
@@ -764,8 +813,9 @@ def fit(
         max_consecutive_skips: see `skip_nonfinite` (default 10). The count starts afresh
             in each call (a resumed run).
         mean: per-channel mean that uint8 batches (training and test) are normalised with;
-            default ImageNet's (`data.IMAGENET_MEAN`). Float batches are used as they are.
-        std: per-channel standard deviation for uint8 batches; default ImageNet's.
+            default: the uint8 loaders' (``loader.mean``, see `normalization`), else
+            ImageNet's (`data.IMAGENET_MEAN`). Float batches are used as they are.
+        std: per-channel standard deviation for uint8 batches; default: as `mean`.
 
     Returns:
         (the final TrainState, the history: one dict per epoch run, keys `HISTORY_KEYS`).
@@ -788,6 +838,7 @@ def fit(
             f"max_consecutive_skips must be an int >= 1, got {max_consecutive_skips!r}"
         )
     arch = arch or infer_arch(model)
+    mean, std = normalization(mean, std, train_loader, test_loader)
     mesh = mesh or train.data_parallel_mesh()
     params = state.params if state is not None else variables["params"]
     tx = partition.make_optimizer(

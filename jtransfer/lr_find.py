@@ -328,8 +328,9 @@ def lr_find(
         seed: the train state's PRNG seed (dropout).
         arch: the registry name of `model`; default: inferred.
         log: called with a short progress line every tenth of the sweep; None for silence.
-        mean: per-channel mean for uint8 batches; default ImageNet's.
-        std: per-channel standard deviation for uint8 batches; default ImageNet's.
+        mean: per-channel mean for uint8 batches; default: the uint8 loader's
+            (``loader.mean``), else ImageNet's.
+        std: per-channel standard deviation for uint8 batches; default: as `mean`.
 
     Returns:
         An `LRFindResult`.
@@ -341,6 +342,7 @@ def lr_find(
 
     _check(start_lr, end_lr, num_steps, smooth, diverge_factor)
     arch = arch or fit.infer_arch(model)
+    mean, std = fit.normalization(mean, std, loader)
     tx = partition.make_optimizer(
         variables["params"],
         rules,

@@ -329,18 +329,18 @@ def check_normalization(
 def _pixel_table(mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> np.ndarray:
     """float32 (256, 3): the normalised value of each uint8 pixel value in each channel.
 
-    Made by `jtransfer.data.to_normalized_array` itself, the host transform, so a looked-up
-    value has its bits by construction. (The same arithmetic compiled by XLA would not: it
-    turns a division by a constant into a multiplication by its reciprocal, which is not
-    correctly rounded; on the CPU 7 in 10 outputs of ``x / 255`` then ``/ std`` differed in
-    their last bit.)
+    Made by `jtransfer.data.normalize` itself, the host's reference (the loader's float32
+    batches hold the same bits), so a looked-up value has its bits by construction. (The
+    same arithmetic compiled by XLA would not: it turns a division by a constant into a
+    multiplication by its reciprocal, which is not correctly rounded; on the CPU 7 in 10
+    outputs of ``x / 255`` then ``/ std`` differed in their last bit.)
     """
     from jtransfer import data  # grain and PIL: imported when a uint8 batch is first traced
 
     mean = data.IMAGENET_MEAN if mean is None else mean
     std = data.IMAGENET_STD if std is None else std
     pixels = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)  # (256, 1, 3)
-    table = data.to_normalized_array(pixels, mean, std)[:, 0, :]
+    table = data.normalize(pixels, mean, std)[:, 0, :]
     return np.ascontiguousarray(table, np.float32)
 
 
@@ -350,7 +350,7 @@ def normalize_images(
     """Images as the model takes them: uint8 pixels normalised, float images unchanged.
 
     uint8 ``(..., 3)`` pixels become float32 ``ToTensor()`` then ``Normalize(mean, std)``,
-    bit-identical to `jtransfer.data.to_normalized_array` on the host (the float32
+    bit-identical to `jtransfer.data.normalize` on the host (the float32
     division by 255, the subtraction and the division by the std, in torchvision's order):
     each value is looked up in a 256 x 3 table that transform made. Inside a jitted step
     this is where the normalising happens, on the device. Floating-point images are taken
@@ -374,7 +374,7 @@ def normalize_images(
         >>> from jtransfer import data
         >>> pixels = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), np.uint8)
         >>> on_device = np.asarray(normalize_images(pixels))
-        >>> on_device.dtype, np.array_equal(on_device[0], data.to_normalized_array(pixels[0]))
+        >>> on_device.dtype, np.array_equal(on_device, data.normalize(pixels))
         (dtype('float32'), True)
     """
     dtype = np.dtype(images.dtype)
