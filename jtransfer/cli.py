@@ -71,7 +71,10 @@ torchvision.datasets.ImageFolder; both must have the same classes. The model's c
 
 If you know the PyTorch way:
   --weights IMAGENET1K_V1   torchvision.models.resnet50(weights="IMAGENET1K_V1"), or a local
-                            .pth state_dict path, or "none" for random initialisation
+                            .pth state_dict path, or "none" for random initialisation;
+                            hf-hub:timm/resnet50.a1_in1k is timm.create_model(
+                            "hf-hub:timm/resnet50.a1_in1k", pretrained=True) with timm's
+                            preprocessing (its pretrained_cfg), recorded with the run
   --freeze backbone         for p in net.parameters(): p.requires_grad = False, then a new
                             net.fc (trainable): feature extraction. Frozen layers also keep
                             their BatchNorm running statistics (as net.eval() would) and cost
@@ -163,18 +166,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ft.add_argument(
         "--arch",
-        default="resnet18",
+        default=None,
         choices=models.ARCHS,
         metavar="ARCH",
-        help=f"architecture (default: resnet18): {', '.join(models.ARCHS)}",
+        help="architecture (default: the config.json's of timm --weights, else resnet18): "
+        f"{', '.join(models.ARCHS)}",
     )
     ft.add_argument(
         "--weights",
         default="DEFAULT",
-        metavar="PATH|TAG|none",
+        metavar="PATH|TAG|hf-hub:ORG/NAME|none",
         help="starting weights: a local .pth/.safetensors state_dict, a torchvision "
         "tag (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT; downloaded to torch's cache), "
-        "or none for random init (default: DEFAULT)",
+        "a timm checkpoint on the Hugging Face hub (hf-hub:timm/resnet50.a1_in1k; its "
+        "preprocessing is used) or in a local directory, or none for random init "
+        "(default: DEFAULT)",
     )
     ft.add_argument(
         "--freeze",
@@ -445,6 +451,7 @@ def _quiet_libraries(debug: bool):
 
 
 def _finetune(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    args.arch = _weights_arch(args.arch, args.weights)
     _check_finetune_args(args)
     from jtransfer import distributed
 
@@ -479,16 +486,17 @@ def _run_finetune(args: argparse.Namespace, argv: Sequence[str], stopper: _Signa
     classes = train_folder.classes
     num_classes = len(classes)
     rules = freeze_rules(args.arch, args.freeze, args.head_lr_mult)
-    eval_resize = round(args.image_size * 256 / 224)
+    view = _preprocessing(args.weights, args.image_size)
     config = _config(args, classes)
     metadata = {
         "arch": args.arch,
         "num_classes": num_classes,
         "classes": classes,
         "image_size": args.image_size,
-        "resize_size": [eval_resize, eval_resize],
-        "mean": list(data.IMAGENET_MEAN),
-        "std": list(data.IMAGENET_STD),
+        "resize_size": view.to_dict()["resize_size"],
+        "mean": list(view.mean),
+        "std": list(view.std),
+        "preprocessing": view.to_dict(),  # predict and export read it (Preprocessing)
         "config": config,
     }
     resuming = bool(checkpoint.checkpoint_steps(out))
@@ -522,6 +530,7 @@ def _run_finetune(args: argparse.Namespace, argv: Sequence[str], stopper: _Signa
             skip_bad_images=args.skip_bad_images,
             image_size=args.image_size,
             shard_options=distributed.process_shard_options() if n_proc > 1 else None,
+            **view.loader_kwargs(train=True),
         )
         test_loader = data.make_loader(
             test_folder,
@@ -529,8 +538,8 @@ def _run_finetune(args: argparse.Namespace, argv: Sequence[str], stopper: _Signa
             train=False,
             skip_bad_images=args.skip_bad_images,
             image_size=args.image_size,
-            resize_size=(eval_resize, eval_resize),
             cache_eval=len(test_folder) * 3 * args.image_size**2 < 2**30,
+            **view.loader_kwargs(train=False),
         )
         for loader in (train_loader, test_loader):
             if loader.bad_files:
@@ -861,6 +870,28 @@ def _check_phase(restored, phase: str, unfreeze_after: int, steps_per_epoch: int
         )
 
 
+def _weights_arch(arch: str | None, weights: str) -> str:
+    """--arch, else the architecture timm weights' config.json names, else resnet18."""
+    if arch is not None or weights.lower() == "none":
+        return arch or "resnet18"
+    from porting import hub
+
+    return (hub.config_arch(weights) if hub.is_timm_source(weights) else None) or "resnet18"
+
+
+def _preprocessing(weights: str, image_size: int):
+    """The view training and evaluation use: timm weights' own, else torchvision's (d2l)."""
+    from jtransfer.preprocess import Preprocessing
+
+    view = None
+    if weights.lower() != "none":
+        from porting import hub
+
+        if hub.is_timm_source(weights):
+            view = hub.preprocessing(weights, image_size)
+    return view or Preprocessing.d2l(image_size)
+
+
 def _dataset(root: Path):
     from jtransfer import data
 
@@ -887,7 +918,8 @@ def _config(args: argparse.Namespace, classes: list[str]) -> dict[str, Any]:
     """What must match for --out to be resumed (not --epochs, --workers, --save-every, nor
     --skip-nonfinite: adding it to resume a run that stopped on a NaN is its main use)."""
     weights = args.weights
-    if weights.lower() != "none" and (os.sep in weights or Path(weights).suffix):
+    hub_name = weights.startswith("hf-hub:")
+    if weights.lower() != "none" and not hub_name and (os.sep in weights or Path(weights).suffix):
         weights = str(Path(weights).expanduser().absolute())
     return {
         "data": str(Path(args.data).expanduser().absolute()),
@@ -975,6 +1007,7 @@ def _predict(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import numpy as np
 
     from jtransfer import checkpoint, data, models
+    from jtransfer.preprocess import Preprocessing
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
@@ -983,8 +1016,7 @@ def _predict(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print(_reading(args, meta), file=sys.stderr)
     variables = models.prepare_inference(model, variables)  # kernel transforms once
     classes = meta.get("classes") or [str(i) for i in range(meta["num_classes"])]
-    crop = meta.get("image_size", 224)
-    resize = tuple(meta.get("resize_size", (256, 256)))
+    view = Preprocessing.from_metadata(meta)  # what training used; older runs: d2l's
     size = min(args.batch_size, len(paths))
     probabilities = jax.jit(
         lambda v, x: jax.nn.softmax(model.apply(v, x, train=False).astype("float32"), axis=-1)
@@ -1000,7 +1032,7 @@ def _predict(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 failed += 1
                 continue
             chunk.append(path)
-            images.append(data.eval_transform(img, resize_size=resize, crop_size=crop))
+            images.append(view.eval(img))
         if not chunk:
             continue
         x = np.zeros((size, *images[0].shape), np.float32)  # one batch shape: one compilation
@@ -1029,6 +1061,7 @@ def _reading(args: argparse.Namespace, meta: dict[str, Any]) -> str:
 
 def _export(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from jtransfer import checkpoint
+    from jtransfer.preprocess import Preprocessing
 
     model, variables, meta = checkpoint.load_for_inference(args.checkpoint, _which(args.which))
     import torch
@@ -1050,6 +1083,7 @@ def _export(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "resize_size": meta.get("resize_size"),
         "mean": meta.get("mean"),
         "std": meta.get("std"),
+        "preprocessing": Preprocessing.from_metadata(meta).to_dict(),
         "checkpoint": str(Path(args.checkpoint).expanduser().absolute() / str(meta["step"])),
     }
     sidecar = out.with_suffix(".json")

@@ -101,11 +101,26 @@ def _fetch(repo_id: str, filename: str, revision: str | None) -> Path | None:
             f"downloading {filename} of hub repo {repo_id} failed ({url}): {_first_line(e)}\n"
             f"{_offline_hint(repo_id)}"
         ) from e
-    except OSError as e:  # e.g. the size check of an interrupted download, or a full disk
+    except _transport_errors() as e:  # interrupted transfers, size checks, a full disk
         raise DownloadError(
             f"downloading {filename} of hub repo {repo_id} failed ({url}): {_first_line(e)}. "
             f"Nothing was left in the cache; run again to retry.\n{_offline_hint(repo_id)}"
         ) from e
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """OSError, and the HTTP client's transfer errors (httpx2 in huggingface_hub 1.x/2.x,
+    httpx before; requests' are OSErrors), which huggingface_hub lets through after its
+    own retries."""
+    import importlib
+
+    errors: list[type[BaseException]] = [OSError]
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(name).HTTPError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
 
 
 def _first_line(e: BaseException) -> str:
