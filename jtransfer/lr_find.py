@@ -450,11 +450,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     # fmt: off
     p.add_argument("--data", required=True, metavar="DIR",
                    help="image folder, or a folder with train/ (see above)")
-    p.add_argument("--arch", default="resnet18", choices=models.ARCHS, metavar="ARCH",
-                   help=f"architecture (default: resnet18): {', '.join(models.ARCHS)}")
-    p.add_argument("--weights", default="DEFAULT", metavar="PATH|TAG|none",
+    p.add_argument("--arch", default=None, choices=models.ARCHS, metavar="ARCH",
+                   help="architecture (default: the config.json's of timm --weights, else "
+                   f"resnet18): {', '.join(models.ARCHS)}")
+    p.add_argument("--weights", default="DEFAULT", metavar="PATH|TAG|hf-hub:ORG/NAME|none",
                    help="a local .pth/.safetensors state_dict, a torchvision tag (DEFAULT, "
-                   "IMAGENET1K_V1, ...) or none for random init (default: DEFAULT)")
+                   "IMAGENET1K_V1, ...), a timm checkpoint (hf-hub:timm/resnet50.a1_in1k, or "
+                   "a local directory; its preprocessing is used) or none for random init "
+                   "(default: DEFAULT)")
     p.add_argument("--freeze", nargs="+", default=["none"], metavar="WHAT",
                    help="none (default), backbone, or the first stages to freeze, as finetune")
     p.add_argument("--head-lr-mult", type=float, default=10.0, metavar="X",
@@ -515,14 +518,16 @@ def _train_folder(root: Path):
 
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     """Runs ``lr-find`` for parsed arguments (see `add_parser`); returns the exit code."""
-    from jtransfer import _cliutil, data, models
+    from jtransfer import _cliutil, cli, data, models
 
+    args.arch = cli._weights_arch(args.arch, args.weights)
     positive = {"--batch-size": args.batch_size, "--num-steps": args.num_steps - 1,
                 "--image-size": args.image_size}  # fmt: skip
     bad = [f"{k} {v}" for k, v in positive.items() if v < 1]
     if bad:
         raise ConfigError(f"invalid value(s): {', '.join(bad)}")
     folder = _train_folder(Path(args.data).expanduser())
+    view = cli._preprocessing(args.weights, args.image_size)  # timm weights: their own
     loader = data.make_loader(
         folder,
         batch_size=args.batch_size,
@@ -531,6 +536,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
         num_epochs=None,
         worker_count=args.workers,
         image_size=args.image_size,
+        **view.loader_kwargs(train=True),
     )
     num_classes = len(folder.classes)
     model = models.create(args.arch, num_classes=num_classes)
