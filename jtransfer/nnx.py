@@ -254,6 +254,39 @@ def from_torchvision(
     return from_variables(arch, variables, seed=seed, **model_kwargs)
 
 
+def from_pretrained(
+    arch: str | None,
+    weights: str | os.PathLike = "DEFAULT",
+    num_classes: int | None = None,
+    *,
+    seed: int = 0,
+    **model_kwargs: Any,
+) -> Model:
+    """A `Model` from any source `porting.load_pretrained` takes.
+
+    torchvision tags and files, and timm weights (``hf-hub:timm/resnet50.a1_in1k``, or a
+    local directory / file with its config.json; see the weights guide).
+
+    Args:
+        arch: one of `jtransfer.models.ARCHS`; None takes timm's config.json's.
+        weights: as in `porting.load_pretrained`.
+        num_classes: None keeps the checkpoint's; another number re-initialises the head.
+        seed: seed of a re-initialised head and of the dropout stream.
+        **model_kwargs: options of `jtransfer.models.create`.
+
+    Returns:
+        The module, in training mode.
+    """
+    import porting
+    from porting import hub
+
+    if hub.is_timm_source(weights):
+        arch, variables, _ = hub.load_timm(weights, arch, num_classes=num_classes, seed=seed)
+    else:
+        _, variables = porting.load_pretrained(arch, weights, num_classes, seed=seed)
+    return from_variables(arch, variables, seed=seed, **model_kwargs)
+
+
 def to_variables(module: Model) -> Variables:
     """A copy of the module's Linen variables ``{"params", "batch_stats"}``.
 

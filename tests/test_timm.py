@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import jtransfer.nnx as jnnx
 from jtransfer import data
 from jtransfer.errors import ConfigError, PortingError
 from jtransfer.preprocess import Preprocessing
@@ -91,6 +92,10 @@ def test_a_timm_file_with_config_beside_it_loads_as_the_directory(tmp_path):
     _, from_file = porting.load_pretrained(None, folder / "model.safetensors")
     leaves = jax.tree.leaves(jax.tree.map(np.array_equal, from_dir, from_file))
     assert leaves and all(leaves)
+    module = jnnx.from_pretrained(None, folder)  # NNX: the same sources
+    assert module.arch == "resnet18"
+    leaves = jax.tree.leaves(jax.tree.map(np.array_equal, jnnx.to_variables(module), from_dir))
+    assert all(leaves)
 
 
 def test_vgg_head_maps_onto_torchvision_classifier():
