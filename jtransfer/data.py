@@ -28,26 +28,36 @@ Example:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import math
+import multiprocessing as mp
 import os
+import pickle
 import queue
 import shutil
+import signal
+import sys
 import tempfile
 import threading
+import traceback
+import types
 import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing import connection as mp_connection
+from multiprocessing import shared_memory
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grain
-import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
 from jtransfer.errors import CheckpointError, ConfigError, DataError
+
+if TYPE_CHECKING:  # imported where used: loader workers start without jax and grain
+    import grain
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -59,6 +69,7 @@ __all__ = [
     "ImageLoader",
     "LoaderIterator",
     "LoaderStateMismatchError",
+    "LoaderWorkerError",
     "NoFullBatchError",
     "center_crop",
     "check_same_classes",
@@ -680,13 +691,13 @@ def eval_transform(
 # --------------------------------------------------------------------------------------------
 
 
-class _EpochBatches(grain.MapDataset):
+class _EpochBatches:
     """Element ``g`` is global batch ``g``: ``(epoch, sample indices of that batch)``.
 
-    A batch, not an image, is the unit grain hands to a worker, so every batch is the same
+    A batch, not an image, is the unit handed to a worker, so every batch is the same
     whatever ``worker_count`` is, and epochs never share a batch (the remainder is dropped or
-    kept per epoch, as torch's ``drop_last``). Indexing past one epoch is how grain's
-    ``repeat`` asks for the next one; the epoch's order is a pure function of (seed, epoch).
+    kept per epoch, as torch's ``drop_last``). Indexing past one epoch gives the next one
+    (as grain's ``repeat`` asks); the epoch's order is a pure function of (seed, epoch).
     """
 
     def __init__(
@@ -701,8 +712,8 @@ class _EpochBatches(grain.MapDataset):
         shard_count: int,
         shard_drop_remainder: bool,
     ) -> None:
-        super().__init__()
         self._num_examples = num_examples
+        self._last_order: tuple[int, np.ndarray] | None = None
         self._batch_size = batch_size
         self._shuffle = shuffle
         self._seed = seed
@@ -731,18 +742,129 @@ class _EpochBatches(grain.MapDataset):
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """This shard's sample indices for ``epoch``, in the order they are served."""
+        cached = self._last_order
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
         order = np.arange(self._num_examples)
         if self._shuffle:
             # All hosts draw the same permutation and take disjoint blocks of it.
             order = np.random.default_rng([_SHUFFLE_STREAM, self._seed, epoch]).permutation(order)
-        return order[self._shard_of == self._shard_index][: self._per_shard]
+        order = order[self._shard_of == self._shard_index][: self._per_shard]
+        self._last_order = (epoch, order)  # every batch of an epoch asks for the same order
+        return order
 
-    def __getitem__(self, index: int | slice) -> Any:
-        if isinstance(index, slice):
-            return self.slice(index)
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray]:
         epoch, batch = divmod(int(index), self._num_batches)
         order = self.epoch_order(epoch)
         return epoch, order[batch * self._batch_size : (batch + 1) * self._batch_size]
+
+
+def _out_hw(size: Size) -> tuple[int, int]:
+    """The ``(height, width)`` of the train crop / eval center crop for ``image_size``."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+
+
+def _open_image(path: str, draft_size: Any = None) -> Image.Image:
+    """`load_image`, or with ``draft_size(width, height) -> (w, h) | None`` a reduced decode.
+
+    ``draft_size`` sees the stored size and returns the smallest size the decode may produce;
+    a JPEG is then decoded with libjpeg's DCT scaling (``Image.draft``) at the largest of 1/2,
+    1/4, 1/8 that keeps at least that size. Other formats decode in full.
+    """
+    if draft_size is None:
+        return load_image(path)
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            if img.format == "JPEG":
+                wanted = draft_size(img.width, img.height)
+                if wanted is not None:
+                    img.draft(None, wanted)
+            return img.convert("RGB")
+    except _DECODE_ERRORS as e:
+        raise BadImageError(
+            f"Cannot decode image {path}: {e}. The file is missing, corrupt or truncated; delete "
+            "or replace it, or pass skip_bad_images=True to leave unreadable files out.",
+            path=path,
+            reason=str(e),
+        ) from e
+
+
+class _DecodedImages:
+    """Decoded uint8 images kept in one shared-memory block, readable by worker processes.
+
+    Pickling sends the block's name, not the pixels: a worker maps the same memory, so the
+    cache costs its size once whatever ``worker_count`` is. Entries of height 0 are images that
+    could not be decoded when the cache was built; they are decoded (and fail) when served,
+    as without a cache. The block is unlinked when the owning process drops the cache.
+    """
+
+    def __init__(self, arrays: Sequence[np.ndarray | None]) -> None:
+        shapes = np.array([(0, 0) if a is None else a.shape[:2] for a in arrays], np.int64)
+        sizes = shapes[:, 0] * shapes[:, 1] * 3
+        self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._shapes = shapes
+        self._shm = shared_memory.SharedMemory(create=True, size=max(1, int(self._offsets[-1])))
+        self._owner = True
+        flat = np.ndarray((int(self._offsets[-1]),), np.uint8, self._shm.buf)
+        for k, a in enumerate(arrays):
+            if a is not None:
+                flat[self._offsets[k] : self._offsets[k + 1]] = a.reshape(-1)
+        del flat
+        self._finalizer = weakref.finalize(self, _release_shared, self._shm, True)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._offsets[-1])
+
+    def get(self, index: int) -> np.ndarray | None:
+        """Image ``index`` as a read-only ``(H, W, 3)`` view, or None if it is not cached."""
+        h, w = self._shapes[index]
+        if h == 0:
+            return None
+        start = int(self._offsets[index])
+        view = np.ndarray((h, w, 3), np.uint8, self._shm.buf, offset=start)
+        view.flags.writeable = False
+        return view
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"name": self._shm.name, "offsets": self._offsets, "shapes": self._shapes}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._offsets, self._shapes = state["offsets"], state["shapes"]
+        self._shm = shared_memory.SharedMemory(name=state["name"])
+        self._owner = False
+        self._finalizer = weakref.finalize(self, _release_shared, self._shm, False)
+
+
+def _release_shared(shm: shared_memory.SharedMemory, unlink: bool) -> None:
+    try:
+        shm.close()
+    except BufferError:  # a view is still alive (e.g. held by a caller): the OS frees it later
+        pass
+    if unlink:
+        try:
+            shm.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _default_decode_cache_mb() -> float:
+    """1 GiB, or an eighth of the physical memory when that is less."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1024.0
+    return min(1024.0, total / 8 / 2**20)
+
+
+def _stored_size(path: str) -> tuple[int, int] | None:
+    """``(height, width)`` from the file header, or None if it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except _DECODE_ERRORS:
+        return None
 
 
 class _MakeBatch:
@@ -756,10 +878,11 @@ class _MakeBatch:
         seed: int,
         image_size: Size,
         resize_size: Size,
-        cache: np.ndarray | None,
         interpolation: str = "bilinear",
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        dtype: Any = np.float32,
+        draft: bool = False,
     ) -> None:
         self._paths = [path for path, _ in samples]
         self._labels = np.asarray([label for _, label in samples], dtype=np.int32)
@@ -767,29 +890,129 @@ class _MakeBatch:
         self._seed = seed
         self._image_size = image_size
         self._resize_size = resize_size
-        self._cache = cache
-        self._view = {"interpolation": interpolation, "mean": tuple(mean), "std": tuple(std)}
+        self._interpolation = interpolation
+        self._mean, self._std = tuple(mean), tuple(std)
+        self.dtype = np.dtype(dtype)
+        self._draft = draft
+        # What the cache holds: the full decoded image (train: a new crop every epoch) or
+        # the finished evaluation view (eval: the same every epoch).
+        self._cache: _DecodedImages | None = None
+        self.image_shape = (*_out_hw(image_size), 3)
 
-    def example(self, epoch: int, index: int) -> np.ndarray:
-        """The transformed image of sample ``index`` in ``epoch``."""
-        if self._cache is not None:
-            return to_normalized_array(self._cache[index], self._view["mean"], self._view["std"])
-        img = load_image(self._paths[index])
+    def cache_entry_bytes(self, stored_hw: tuple[int, int]) -> int:
+        """Bytes one image takes in the decode cache, from its stored ``(height, width)``."""
         if self._train:
-            rng = example_rng(self._seed, epoch, index)
-            return train_transform(img, rng, size=self._image_size, **self._view)
-        return eval_transform(
-            img, resize_size=self._resize_size, crop_size=self._image_size, **self._view
-        )
+            return stored_hw[0] * stored_hw[1] * 3
+        return int(np.prod(self.image_shape))
+
+    def build_cache(self, num_threads: int) -> None:
+        """Decodes every image once into the shared decode cache (exact decode, no draft)."""
+
+        def entry(index: int) -> np.ndarray | None:
+            try:
+                img = load_image(self._paths[index])
+            except DataError:
+                return None  # fails again, with its message, when the batch is made
+            if self._train:
+                return np.asarray(img, dtype=np.uint8)
+            return self._eval_view(img)
+
+        with ThreadPoolExecutor(max_workers=num_threads) as pool:
+            self._cache = _DecodedImages(list(pool.map(entry, range(len(self._paths)))))
+
+    @property
+    def cached(self) -> bool:
+        return self._cache is not None
+
+    @property
+    def cache_nbytes(self) -> int:
+        return 0 if self._cache is None else self._cache.nbytes
+
+    def _eval_view(self, img: Image.Image) -> np.ndarray:
+        return _eval_pixels(img, self._resize_size, self._image_size, self._interpolation)
+
+    def _train_pixels(self, epoch: int, index: int) -> np.ndarray:
+        rng = example_rng(self._seed, epoch, index)
+        out_h, out_w = self.image_shape[:2]
+        full = None if self._cache is None else self._cache.get(index)
+        if full is not None:
+            height, width = full.shape[:2]
+            top, left, h, w = random_resized_crop_params(rng, height, width)
+            # Cropping the array first converts only the box to a PIL image: the same pixels
+            # as torchvision's crop of the whole image, since the box lies inside it.
+            box = Image.fromarray(full[top : top + h, left : left + w])
+            img = resize(box, [out_h, out_w], self._interpolation)
+        elif self._draft:
+            drawn: list[tuple[int, int, int, int, int, int]] = []
+
+            def draft_size(width: int, height: int) -> tuple[int, int]:
+                # The box is drawn on the stored size, so the draws (and the box) are the
+                # exact path's; the decode only needs the box to keep >= the output size.
+                top, left, h, w = random_resized_crop_params(rng, height, width)
+                drawn.append((top, left, h, w, height, width))
+                factor = max(out_h / h, out_w / w)
+                return math.ceil(width * factor), math.ceil(height * factor)
+
+            img = _open_image(self._paths[index], draft_size)
+            if drawn:
+                top, left, h, w, height, width = drawn[0]
+                sx, sy = img.width / width, img.height / height
+            if not drawn or (sx, sy) == (1, 1):  # not reduced (or not a JPEG): exact path
+                if not drawn:
+                    top, left, h, w = random_resized_crop_params(rng, img.height, img.width)
+                img = resized_crop(img, top, left, h, w, [out_h, out_w], self._interpolation)
+            else:
+                img = img.resize(
+                    (out_w, out_h),
+                    _pil_filter(self._interpolation),
+                    box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy),
+                )
+        else:
+            img = load_image(self._paths[index])
+            top, left, h, w = random_resized_crop_params(rng, img.height, img.width)
+            img = resized_crop(img, top, left, h, w, [out_h, out_w], self._interpolation)
+        if rng.random() < 0.5:
+            img = hflip(img)
+        return np.asarray(img, dtype=np.uint8)
+
+    def pixels(self, epoch: int, index: int) -> np.ndarray:
+        """The uint8 pixels of sample ``index`` in ``epoch``, before ToTensor."""
+        if self._train:
+            return self._train_pixels(epoch, index)
+        if self._cache is not None:
+            view = self._cache.get(index)
+            if view is not None:
+                return view
+        if self._draft:
+            target: list[tuple[int, int]] = []
+
+            def draft_size(width: int, height: int) -> tuple[int, int]:
+                target.append(_resized_size(height, width, self._resize_size))
+                return target[0][1], target[0][0]
+
+            img = _open_image(self._paths[index], draft_size)
+            if target:  # the size the full image would have been resized to (aspect kept)
+                img = resize(img, list(target[0]), self._interpolation)
+                return np.asarray(center_crop(img, self._image_size), dtype=np.uint8)
+        return self._eval_view(load_image(self._paths[index]))
+
+    def fill(self, epoch: int, indices: np.ndarray, out: np.ndarray) -> None:
+        """Writes the batch's images into ``out`` (``(len(indices), H, W, 3)``, our dtype)."""
+        for k, index in enumerate(indices):
+            pixels = self.pixels(epoch, int(index))
+            if self.dtype == np.uint8:
+                out[k] = pixels
+            else:
+                _normalize_into(pixels, out[k], self._mean, self._std)
+
+    def labels(self, indices: np.ndarray) -> np.ndarray:
+        return self._labels[indices]
 
     def __call__(self, element: tuple[int, np.ndarray]) -> dict[str, np.ndarray]:
         epoch, indices = element
-        first = self.example(epoch, int(indices[0]))
         # Filling a preallocated batch saves np.stack's extra copy (77 MB at batch 128).
-        images = np.empty((len(indices), *first.shape), dtype=np.float32)
-        images[0] = first
-        for k in range(1, len(indices)):
-            images[k] = self.example(epoch, int(indices[k]))
+        images = np.empty((len(indices), *self.image_shape), dtype=self.dtype)
+        self.fill(epoch, indices, images)
         return {"image": images, "label": self._labels[indices]}
 
 
@@ -807,9 +1030,313 @@ def _allow_grain_workers() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-# Per-process read-ahead, in batches. grain's defaults (16 threads, 500 elements) are sized
-# for small records; ours are whole batches (77 MB at 128x224x224x3 float32).
-_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+# --------------------------------------------------------------------------------------------
+# Serving batches: a background thread (worker_count=0) or a pool of worker processes
+# --------------------------------------------------------------------------------------------
+
+
+class LoaderWorkerError(DataError):
+    """A loader worker process died (killed, e.g. by the out-of-memory killer, or crashed).
+
+    Attributes:
+        worker: the worker's index.
+        pid: its process id.
+        exitcode: its exit code (negative: the signal that ended it).
+    """
+
+    def __init__(self, message: str = "", *, worker: int = -1, pid: int = 0, exitcode=None):
+        super().__init__(message)
+        self.worker, self.pid, self.exitcode = worker, pid, exitcode
+
+
+class _Job:
+    """What makes global batch ``g``: its ``(epoch, sample indices)``, then its pixels."""
+
+    def __init__(self, batches: _EpochBatches, make_batch: _MakeBatch, batch_size: int):
+        self.batches = batches
+        self.make_batch = make_batch
+        self.batch_size = batch_size
+
+    def element(self, g: int) -> tuple[int, np.ndarray]:
+        return self.batches[g]
+
+
+class _ThreadBatches(Iterator[dict[str, np.ndarray]]):
+    """Makes batches ``start, start + 1, ...`` one ahead in a background thread.
+
+    PIL decodes and resizes without holding the GIL, so the next batch is decoded while the
+    caller's (jitted) step runs.
+    """
+
+    _DONE = object()
+
+    def __init__(self, job: _Job, start: int, stop: int | None, ahead: int = 2) -> None:
+        self._job, self._next, self._stop_at = job, start, stop
+        self._queue: queue.Queue = queue.Queue(maxsize=ahead)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="jtransfer-loader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        g = self._next
+        try:
+            while not self._stop.is_set() and (self._stop_at is None or g < self._stop_at):
+                item = self._job.make_batch(self._job.element(g))
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                g += 1
+            item = self._DONE
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            item = e
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._stop.is_set():
+            raise StopIteration
+        item = self._queue.get()
+        if item is self._DONE:
+            self.close()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+# Batches each worker may hold finished or in progress: its slots in shared memory.
+_SLOTS_PER_WORKER = 2
+
+
+# A worker's first code. It imports jtransfer.data without running jtransfer/__init__.py
+# (models, flax, jax: seconds and ~200 MB per worker): a worker needs only numpy and PIL.
+_WORKER_BOOT = """
+import sys, types
+if "jtransfer" not in sys.modules:
+    package = types.ModuleType("jtransfer")
+    package.__path__ = [PACKAGE_DIR + "/jtransfer"]
+    sys.modules["jtransfer"] = package
+from jtransfer.data import _worker_main
+_worker_main(*ARGS)
+"""
+
+
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Starts spawned processes without re-running the main script in them.
+
+    ``spawn`` normally imports the parent's ``__main__`` file in the child, so a script
+    without ``if __name__ == "__main__":`` would start its loader again in every worker. Our
+    workers need nothing from the main script (the job is jtransfer's own objects), so the
+    child is told there is no main file to import.
+    """
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is None:
+            del sys.modules["__main__"]
+        else:
+            sys.modules["__main__"] = main
+
+
+def _worker_main(
+    worker: int, conn: Any, job_bytes: bytes, shm_name: str, slot_bytes: int, dtype: str
+) -> None:
+    """A loader worker: makes the batches it is sent, straight into its shared-memory slots."""
+    # Ctrl-C reaches the whole process group; the main process handles it and stops us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    job = pickle.loads(job_bytes)
+    shm = shared_memory.SharedMemory(name=shm_name)
+    shape = job.make_batch.image_shape
+    try:
+        while True:
+            try:
+                task = conn.recv()
+            except (EOFError, OSError):  # the main process is gone
+                return
+            if task is None:
+                return
+            g, slot = task
+            try:
+                epoch, indices = job.element(g)
+                out = np.ndarray((len(indices), *shape), dtype, shm.buf, offset=slot * slot_bytes)
+                job.make_batch.fill(epoch, indices, out)
+                del out
+                reply = ("ok", g, slot, job.make_batch.labels(indices))
+            except Exception as e:
+                reply = ("error", g, _picklable(e, worker))
+            try:
+                conn.send(reply)
+            except (EOFError, OSError):
+                return
+    finally:
+        shm.close()
+
+
+def _picklable(error: Exception, worker: int) -> Exception:
+    """The error with the worker's traceback as a note, or a stand-in if it cannot pickle."""
+    remote = "".join(traceback.format_exception(error))
+    error.add_note(f"Raised in loader worker {worker} (pid {os.getpid()}):\n{remote}")
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return DataError(f"Loader worker {worker} failed:\n{remote}")
+
+
+def _describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "closed its connection"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (the kernel's out-of-memory killer sends SIGKILL)" if name == "SIGKILL" else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with code {exitcode}"
+
+
+class _ProcessBatches(Iterator[dict[str, np.ndarray]]):
+    """Makes batches ``start, start + 1, ...`` in ``worker_count`` spawned processes.
+
+    Batch ``start + r`` is made by worker ``r % worker_count`` into its slot
+    ``(r // worker_count) % _SLOTS_PER_WORKER`` of one shared-memory block (each worker has
+    its own slots); the main process
+    receives a small message per batch and copies the images out, so a batch crosses between
+    processes once, without pickling. Batches come back in order, and each is a pure function
+    of its index, so the output does not depend on ``worker_count``.
+    """
+
+    def __init__(self, job: _Job, start: int, stop: int | None, worker_count: int) -> None:
+        self._job, self._start, self._next, self._stop_at = job, start, start, stop
+        self._count = worker_count
+        mb = job.make_batch
+        self._shape, self._dtype = mb.image_shape, mb.dtype
+        self._slot_bytes = job.batch_size * int(np.prod(self._shape)) * mb.dtype.itemsize
+        self._shm: shared_memory.SharedMemory | None = shared_memory.SharedMemory(
+            create=True, size=self._slot_bytes * _SLOTS_PER_WORKER * worker_count
+        )
+        self._conns: list[Any] = []
+        self._procs: list[Any] = []
+        self._closed = False
+        ctx = mp.get_context("spawn")
+        job_bytes = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
+        package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        try:
+            for w in range(worker_count):
+                parent, child = ctx.Pipe()
+                args = (w, child, job_bytes, self._shm.name, self._slot_bytes, mb.dtype.str)
+                proc = ctx.Process(
+                    target=exec,
+                    args=(_WORKER_BOOT, {"ARGS": args, "PACKAGE_DIR": package_dir}),
+                    name=f"jtransfer-loader-worker-{w}",
+                    daemon=True,
+                )
+                with _main_module_hidden():
+                    proc.start()
+                child.close()
+                self._conns.append(parent)
+                self._procs.append(proc)
+            for r in range(_SLOTS_PER_WORKER * worker_count):
+                self._submit(start + r)
+        except BaseException:
+            self.close()
+            raise
+
+    def _submit(self, g: int) -> None:
+        if self._stop_at is not None and g >= self._stop_at:
+            return
+        r = g - self._start
+        worker = r % self._count
+        slot = worker * _SLOTS_PER_WORKER + (r // self._count) % _SLOTS_PER_WORKER
+        self._conns[worker].send((g, slot))
+
+    def _receive(self, worker: int) -> tuple:
+        conn, proc = self._conns[worker], self._procs[worker]
+        while True:
+            ready = mp_connection.wait([conn, proc.sentinel], timeout=1.0)
+            if conn in ready or conn.poll():
+                try:
+                    return conn.recv()
+                except (EOFError, OSError):
+                    pass  # died mid-message
+            elif proc.sentinel not in ready:
+                continue
+            proc.join(timeout=1.0)
+            raise LoaderWorkerError(
+                f"Loader worker {worker} (pid {proc.pid}) {_describe_exit(proc.exitcode)} "
+                f"while making batch {self._next}. If memory ran out, lower worker_count or "
+                "batch_size; the loader state (get_state) still resumes at this batch.",
+                worker=worker,
+                pid=proc.pid or 0,
+                exitcode=proc.exitcode,
+            )
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._closed or (self._stop_at is not None and self._next >= self._stop_at):
+            self.close()
+            raise StopIteration
+        r = self._next - self._start
+        worker = r % self._count
+        try:
+            reply = self._receive(worker)
+            if reply[0] == "error":
+                raise reply[2]
+            _, g, slot, labels = reply
+            view = np.ndarray(
+                (len(labels), *self._shape),
+                self._dtype,
+                self._shm.buf,
+                offset=slot * self._slot_bytes,
+            )
+            images = view.copy()
+            del view
+            self._submit(self._next + _SLOTS_PER_WORKER * self._count)
+        except BaseException:
+            self.close()
+            raise
+        self._next += 1
+        return {"image": images, "label": labels}
+
+    def close(self) -> None:
+        """Stops the workers (asks, then terminates) and frees the shared memory."""
+        if self._closed:
+            return
+        self._closed = True
+        for conn in self._conns:
+            try:
+                conn.send(None)
+            except (OSError, ValueError):
+                pass
+        for proc in self._procs:
+            proc.join(timeout=2.0)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=2.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self._conns:
+            conn.close()
+        if self._shm is not None:
+            _release_shared(self._shm, True)
+            self._shm = None
 
 
 class ImageLoader:
@@ -830,6 +1357,11 @@ class ImageLoader:
         steps_per_epoch: batches per epoch on this shard.
         num_epochs: epochs per pass, or None for endless.
         worker_count: worker processes decoding batches (0: in this process).
+        dtype: the dtype of the images served: float32 (normalised) or uint8 (raw pixels).
+        mean: the per-channel mean of the normalisation (applied to float32 batches; pass it
+            to `normalize` for uint8 ones).
+        std: the per-channel standard deviation of the normalisation.
+        decode_cache_bytes: bytes of decoded images kept in memory across epochs (0: none).
     """
 
     def __init__(
@@ -852,8 +1384,12 @@ class ImageLoader:
         self.steps_per_epoch = len(batches)
         self.num_epochs = num_epochs
         self.worker_count = worker_count
+        self.dtype = make_batch.dtype
+        self.mean, self.std = make_batch._mean, make_batch._std
+        self.decode_cache_bytes = make_batch.cache_nbytes
         self._batches = batches
-        self._all_batches = batches.repeat(num_epochs).map(make_batch)
+        self._job = _Job(batches, make_batch, batch_size)
+        self._num_batches = None if num_epochs is None else num_epochs * len(batches)
         self._fingerprint = fingerprint
 
     def epoch_order(self, epoch: int) -> list[int]:
@@ -861,7 +1397,10 @@ class ImageLoader:
         return self._batches.epoch_order(epoch)[: self.steps_per_epoch * self.batch_size].tolist()
 
     def pipeline(self, start: int = 0) -> grain.IterDataset:
-        """The grain pipeline serving global batches ``start, start + 1, ...``.
+        """The same batches as a grain pipeline, for use inside a larger grain program.
+
+        Iterating the loader does not use it: its own worker pool moves batches through
+        shared memory with less overhead, and reports dead workers and unguarded scripts.
 
         Args:
             start: the first global batch (``epoch * steps_per_epoch + step``).
@@ -871,12 +1410,24 @@ class ImageLoader:
         """
         # Batches are a pure function of their global index, so resuming is slicing: the
         # same state works for any worker_count, unlike grain's per-worker iterator states.
-        dataset = self._all_batches[start:].to_iter_dataset(_READ_OPTIONS)
+        import grain
+
+        all_batches = grain.MapDataset.source(self._batches).repeat(self.num_epochs)
+        # One read-ahead thread, two batches: grain's defaults (16 threads, 500 elements) are
+        # sized for small records; ours are whole batches (77 MB at 128x224x224x3 float32).
+        read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+        dataset = all_batches.map(self._job.make_batch)[start:].to_iter_dataset(read_options)
         if self.worker_count > 0:
             _allow_grain_workers()
             options = grain.MultiprocessingOptions(num_workers=self.worker_count)
             dataset = dataset.mp_prefetch(options)
         return dataset
+
+    def _serve(self, start: int) -> Iterator[dict[str, np.ndarray]]:
+        """Batches ``start, start + 1, ...`` from worker processes or a background thread."""
+        if self.worker_count > 0:
+            return _ProcessBatches(self._job, start, self._num_batches, self.worker_count)
+        return _ThreadBatches(self._job, start, self._num_batches)
 
     def __iter__(self) -> LoaderIterator:
         return LoaderIterator(self, self._fingerprint)
@@ -909,7 +1460,7 @@ class LoaderIterator(Iterator[dict[str, np.ndarray]]):
     def start_prefetch(self) -> None:
         """Starts the pipeline (and its workers) now rather than at the first ``next``."""
         if self._source is None:
-            self._source = iter(self._loader.pipeline(self._next_batch))
+            self._source = self._loader._serve(self._next_batch)
             _OPEN_ITERATORS.add(self)
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -974,19 +1525,6 @@ def _close_open_iterators() -> None:
         iterator.close()
 
 
-def _eval_cache(
-    samples: Sequence[Sample], resize_size: Size, crop_size: Size, interpolation: str
-) -> np.ndarray:
-    """Decodes every evaluation image once into a uint8 ``(N, H, W, 3)`` array."""
-
-    def pixels(sample: Sample) -> np.ndarray:
-        return _eval_pixels(load_image(sample[0]), resize_size, crop_size, interpolation)
-
-    # PIL decodes and resizes without the GIL, so threads use every core here.
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return np.stack(list(pool.map(pixels, samples)))
-
-
 def make_loader(
     folder: ImageFolder,
     *,
@@ -1004,6 +1542,9 @@ def make_loader(
     interpolation: str = "bilinear",
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    dtype: Any = np.float32,
+    draft: bool = False,
+    decode_cache_mb: float | None = None,
 ) -> ImageLoader:
     """Builds a grain pipeline serving ``{"image": float32 (B,H,W,3), "label": int32 (B,)}``.
 
@@ -1035,13 +1576,27 @@ def make_loader(
             each run of ``n * batch_size`` examples of the epoch's order, the ``p``-th block of
             ``batch_size``, so the hosts' batches together are the batches of one host with
             batch size ``n * batch_size``, in the same order.
-        cache_eval: evaluation only: decode, resize and crop every image once, at construction,
-            and keep the uint8 pixels in memory, so later passes (epochs) only normalise.
-            Batches are then served from this process and ``worker_count`` is not used.
+            cache_eval: evaluation only: cache the evaluation view whatever its size (the decode
+            cache below, ignoring ``decode_cache_mb``).
         interpolation: the resize filter of both views, as in `resize` ("bicubic" for most
             timm weights; `jtransfer.preprocess.Preprocessing` carries a weights' choice).
         mean: per-channel mean of the normalisation.
         std: per-channel standard deviation of the normalisation.
+        dtype: ``np.float32`` (default): normalised images, bit-identical to torchvision's
+            ``ToTensor()`` + ``Normalize``; ``np.uint8``: the pixels torchvision holds before
+            ``ToTensor`` (a quarter of the bytes to move), to be normalised by the consumer
+            with ``loader.mean`` / ``loader.std`` (`normalize` is the reference).
+        draft: decode JPEGs at a reduced size (libjpeg's DCT scaling: 1/2, 1/4 or 1/8) when
+            the crop is resized well below the stored size, e.g. 4000x3000 phone photos. Much
+            faster on big photos but NOT bit-exact to torchvision: the pixels differ slightly
+            (see the data guide for the measured difference). Off by default.
+        decode_cache_mb: memory budget, in MiB, for keeping decoded images across epochs:
+            when the whole dataset fits (train: the full decoded images, from the file
+            headers; eval: the finished views), every image is decoded once, at construction,
+            in shared memory the workers read; later epochs only crop, flip and normalise.
+            Random crops are still drawn per ``(seed, epoch, index)``, so batches are
+            unchanged. None: 1 GiB or an eighth of the physical memory, whichever is less;
+            0: no cache.
 
     Returns:
         An `ImageLoader`; ``iter(loader)`` gives a checkpointable `LoaderIterator`.
@@ -1062,8 +1617,14 @@ def make_loader(
     if cache_eval and train:
         raise ConfigError(
             "cache_eval=True caches the fixed evaluation view; training draws a new random "
-            "crop every epoch, so it cannot be cached. Use cache_eval only with train=False."
+            "crop every epoch. Use cache_eval only with train=False; decode_cache_mb= sets "
+            "the budget under which training images are kept decoded."
         )
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.uint8):
+        raise ConfigError(f"dtype must be np.float32 or np.uint8, got {dtype}.")
+    if decode_cache_mb is not None and decode_cache_mb < 0:
+        raise ConfigError(f"decode_cache_mb must be >= 0 or None, got {decode_cache_mb}.")
     if drop_remainder is None:
         drop_remainder = train
 
@@ -1107,18 +1668,21 @@ def make_loader(
             batch_size=batch_size,
         )
     _pil_filter(interpolation)  # an unknown name fails here, not in a worker
-    cache = _eval_cache(samples, resize_size, image_size, interpolation) if cache_eval else None
     make_batch = _MakeBatch(
         samples,
         train=train,
         seed=seed,
         image_size=image_size,
         resize_size=resize_size,
-        cache=cache,
         interpolation=interpolation,
         mean=mean,
         std=std,
+        dtype=dtype,
+        draft=draft,
     )
+    budget = _default_decode_cache_mb() if decode_cache_mb is None else decode_cache_mb
+    if cache_eval or _fits(make_batch, samples, budget * 2**20):
+        make_batch.build_cache(os.cpu_count() or 1)
     fingerprint = {
         "num_examples": len(samples),
         "batch_size": batch_size,
@@ -1135,9 +1699,25 @@ def make_loader(
         make_batch,
         batch_size=batch_size,
         num_epochs=num_epochs,
-        worker_count=0 if cache_eval else worker_count,
+        # A cached evaluation view only needs normalising: no work worth a process.
+        worker_count=0 if make_batch.cached and not train else worker_count,
         fingerprint=fingerprint,
     )
+
+
+def _fits(make_batch: _MakeBatch, samples: Sequence[Sample], budget: float) -> bool:
+    """Whether the decode cache of ``samples`` fits ``budget`` bytes (stops reading early)."""
+    if budget <= 0:
+        return False
+    if not make_batch._train:
+        return len(samples) * make_batch.cache_entry_bytes((0, 0)) <= budget
+    total = 0
+    for path, _ in samples:
+        hw = _stored_size(path)
+        total += 0 if hw is None else make_batch.cache_entry_bytes(hw)
+        if total > budget:
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -1178,6 +1758,8 @@ class DevicePrefetcher(Iterator[Any]):
         return False
 
     def _run(self) -> None:
+        import jax
+
         try:
             for batch in self._source:
                 state = self._source.get_state() if self._has_state else None
