@@ -81,9 +81,16 @@ def _fetch(repo_id: str, filename: str, revision: str | None) -> Path | None:
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, library_name="jtransfer"))
     except LocalEntryNotFoundError as e:  # offline, or the server cannot be reached
+        from huggingface_hub import constants
+
+        why = (
+            "HF_HUB_OFFLINE is set, so nothing was requested"
+            if constants.HF_HUB_OFFLINE
+            else _first_line(e)
+        )
         raise DownloadError(
             f"could not download {filename} of hub repo {repo_id} ({url}), and the hub cache "
-            f"has no copy: {_first_line(e)}\n{_offline_hint(repo_id)}"
+            f"({constants.HF_HUB_CACHE}) has no copy: {why.rstrip('.')}.\n{_offline_hint(repo_id)}"
         ) from e
     except RemoteEntryNotFoundError:
         return None
@@ -154,10 +161,14 @@ def download(weights: str) -> tuple[Path, Path | None]:
     """
     repo_id, revision = parse_hub_name(weights)
     config = _fetch(repo_id, timm_port.CONFIG_FILE, revision)
+    return _weights_file(repo_id, revision), config
+
+
+def _weights_file(repo_id: str, revision: str | None) -> Path:
     for filename in timm_port.WEIGHT_FILES:
         path = _fetch(repo_id, filename, revision)
         if path is not None:
-            return path, config
+            return path
     raise DownloadError(
         f"hub repo {repo_id} has no weights file: neither "
         f"{' nor '.join(_url(repo_id, f, revision) for f in timm_port.WEIGHT_FILES)} exists. "
@@ -166,12 +177,20 @@ def download(weights: str) -> tuple[Path, Path | None]:
     )
 
 
-def _locate(weights: str | os.PathLike) -> tuple[Path, Path | None, str]:
+def _locate(
+    weights: str | os.PathLike, arch: str | None
+) -> tuple[Path, dict[str, Any] | None, str, str]:
+    """(weights file, config.json's contents, source, arch), the arch checked before a
+    hub repo's weights are downloaded."""
     if is_hub_name(weights):
-        path, config = download(str(weights))
-        return path, config, str(weights)
-    path, config = timm_port.find_local(weights)
-    return path, config, str(path)
+        repo_id, revision = parse_hub_name(str(weights))
+        config_path = _fetch(repo_id, timm_port.CONFIG_FILE, revision)
+        config = timm_port.read_config(config_path) if config_path is not None else None
+        arch = timm_port.resolve_arch(arch, config, str(weights))
+        return _weights_file(repo_id, revision), config, str(weights), arch
+    path, config_path = timm_port.find_local(weights)
+    config = timm_port.read_config(config_path) if config_path is not None else None
+    return path, config, str(path), timm_port.resolve_arch(arch, config, str(path))
 
 
 def load_timm(
@@ -200,9 +219,7 @@ def load_timm(
     """
     from porting.torchvision import from_torchvision
 
-    path, config_path, source = _locate(weights)
-    config = timm_port.read_config(config_path) if config_path is not None else None
-    arch = timm_port.resolve_arch(arch, config, source)
+    path, config, source, arch = _locate(weights, arch)
     try:
         sd = io.read_state_dict(path)
     except PortingError as e:

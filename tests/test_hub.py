@@ -260,12 +260,17 @@ def test_a_config_of_an_unsupported_architecture(server, timm_r18, tmp_path, mon
     files = dict(timm_r18[0])
     files["config.json"] = json.dumps({"architecture": "resnet50d"}).encode()
     server.repos["timm/resnet50d.test"] = files
+    server.repos[REPO] = timm_r18[0]
     with hub_env(monkeypatch, tmp_path, server.url):
         with pytest.raises(PortingError, match="'resnet50d' is not one jtransfer builds"):
             porting.load_pretrained(None, "hf-hub:timm/resnet50d.test")
         with pytest.raises(PortingError, match=r"holds resnet18 weights .*arch='resnet34'"):
             porting.load_pretrained("resnet34", f"hf-hub:{REPO}")
     assert not _half_written(tmp_path)
+    # The config is checked before the weights are downloaded: none were asked for.
+    assert not [
+        path for _, path, _ in server.requests if "resnet50d.test/resolve/main/model" in path
+    ]
 
 
 def run_cli(*argv) -> tuple[int, str, str]:
