@@ -320,3 +320,7 @@ def test_finetune_from_the_hub_records_timms_preprocessing_for_predict(
     p = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
     assert label == meta["classes"][int(p.argmax())]
     assert abs(float(prob) - float(p.max())) < 1e-3
+    code, _, stderr = run_cli("export", "--checkpoint", out, "--out", tmp_path / "r18.pth")
+    assert code == 0, stderr
+    sidecar = json.loads((tmp_path / "r18.json").read_text())
+    assert sidecar["preprocessing"] == meta["preprocessing"]
