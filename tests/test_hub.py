@@ -240,6 +240,18 @@ def test_a_repo_without_weights_and_an_unknown_repo(server, timm_r18, tmp_path, 
     assert not _half_written(tmp_path)
 
 
+def test_pytorch_model_bin_when_there_is_no_safetensors(server, timm_r18, tmp_path, monkeypatch):
+    files, sd = timm_r18
+    buffer = io.BytesIO()
+    torch.save(sd, buffer)
+    server.repos["timm/bin-only"] = {"pytorch_model.bin": buffer.getvalue(), **files}
+    del server.repos["timm/bin-only"]["model.safetensors"]
+    with hub_env(monkeypatch, tmp_path, server.url):
+        _, variables = porting.load_pretrained(None, "hf-hub:timm/bin-only")
+    kernel = np.asarray(variables["params"]["fc"]["kernel"])
+    assert np.array_equal(kernel, sd["fc.weight"].numpy().T)
+
+
 def test_truncated_weights_are_refused_and_evicted_from_the_cache(
     server, timm_r18, tmp_path, monkeypatch
 ):
