@@ -5,7 +5,8 @@ Every code path of `conv_general_dilated` is hit: the 1x1 matrix-product forward
 (stride 1 and 2, odd sizes), Winograd (3x3 stride 1, see also test_winograd.py),
 the per-tap kernel gradient over all positions and the per-image one (few
 channels, many positions), strides 1 and 2, and the 7x7 RGB stem, which is left
-to XLA both ways (fewer than 8 input channels).
+to XLA both ways (fewer than 8 input channels), and grouped convolutions
+(XLA's forward, im2col gradients).
 """
 
 from __future__ import annotations
@@ -57,6 +58,35 @@ def test_forward_and_gradients_match_xla(size, cin, cout, k, stride, pad):
     for ours, ref in ((dx, ref_dx), (dw, ref_dw)):
         assert ours.shape == ref.shape and ours.dtype == ref.dtype
         err = float(jnp.abs(ours - ref).max() / jnp.abs(ref).max())
+        assert err < 2e-6, err
+
+
+# (size, channels, groups, stride): ResNeXt's grouped 3x3 layers, stride 1 and 2 over odd sizes.
+GROUPED = [(9, 32, 8, 1), (11, 64, 32, 2), (6, 48, 4, 1)]
+
+
+@pytest.mark.parametrize(("size", "channels", "groups", "stride"), GROUPED)
+def test_grouped_forward_is_xlas_and_gradients_match_xlas(size, channels, groups, stride):
+    rng = np.random.RandomState(size * 100 + groups)
+    x = jnp.asarray(rng.randn(2, size, size, channels), jnp.float32)
+    w = jnp.asarray(rng.randn(3, 3, channels // groups, channels), jnp.float32)
+    kw = dict(dimension_numbers=NHWC, feature_group_count=groups)
+    pad = ((1, 1), (1, 1))
+
+    def ref(a, b):
+        return lax.conv_general_dilated(a, b, (stride,) * 2, pad, **kw)
+
+    def ours(a, b):
+        return conv.conv_general_dilated(a, b, (stride,) * 2, pad, **kw)
+
+    assert "custom_vjp_call" in str(jax.make_jaxpr(ours)(x, w))  # not XLA's autodiff
+    ref_y, ref_vjp = jax.vjp(ref, x, w)
+    y, vjp = jax.jit(lambda a, b: jax.vjp(ours, a, b))(x, w)
+    np.testing.assert_array_equal(y, ref_y)  # XLA's own grouped convolution forward
+    g = jnp.asarray(rng.randn(*ref_y.shape), jnp.float32)
+    for mine, theirs in zip(vjp(g), ref_vjp(g), strict=True):
+        assert mine.shape == theirs.shape and mine.dtype == theirs.dtype
+        err = float(jnp.abs(mine - theirs).max() / jnp.abs(theirs).max())
         assert err < 2e-6, err
 
 

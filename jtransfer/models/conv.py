@@ -33,8 +33,19 @@ backward pass is, for each tap (i, j) of the k x k window,
 k*k matrix products over batch and positions, which XLA runs on its fast
 matrix-multiply path. They are the same sums in another order, so gradients
 differ from XLA's by rounding only (docs/parity.md measures it; sums are
-float32 or wider whatever the compute dtype). Configurations other than 2-D
-NHWC / HWIO without dilation or groups fall back to `lax.conv_general_dilated`.
+float32 or wider whatever the compute dtype).
+
+Grouped convolutions (ResNeXt's 3x3 layers: 32 or 64 groups of 4 to 64
+channels) run forward as XLA's own grouped convolution (the same bits), but
+XLA:CPU's autodiff of it is unusable: its kernel and input gradients ran 30-70x
+slower than torch's on ResNeXt-50's layers (docs/performance.md). Their
+backward pass (`grouped_conv2d`) is the gradient of the same convolution
+written as im2col: the k*k taps gathered into (positions, groups, k*k*Cin/G) and
+one matrix product batched over groups; sums reordered, rounding only. Grouped
+layers never use Winograd (the per-group products are too thin).
+
+Configurations other than 2-D NHWC / HWIO without dilation fall back to
+`lax.conv_general_dilated`.
 
 Every model's `nn.Conv` calls this through `PreparedConv`, which can instead
 read a layer's Winograd kernel transform computed once by
@@ -94,6 +105,13 @@ def conv_general_dilated(
         batch_group_count=batch_group_count,
         preferred_element_type=preferred_element_type,
     )
+    if feature_group_count > 1 and _plain(
+        lhs, rhs, padding, **{**options, "feature_group_count": 1}
+    ):
+        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+        if all(p >= 0 for pair in pads for p in pair):
+            strides = tuple(int(s) for s in window_strides)
+            return grouped_conv2d(lhs, rhs, strides, pads, feature_group_count, precision)
     plain = _plain(lhs, rhs, padding, **options)
     if plain and _few_input_channels(rhs):
         return _xla_conv(lhs, rhs, window_strides, padding, precision)
@@ -355,6 +373,81 @@ def _input_grad(g, kernel, x_shape, strides, padding, precision) -> Array:
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def _grouped_im2col(x: Array, kernel: Array, strides, padding, groups: int, precision) -> Array:
+    """The grouped convolution as one matrix product batched over groups (see `grouped_conv2d`)."""
+    kh, kw, cin_g, cout = kernel.shape
+    sh, sw = strides
+    (pt, pb), (pl, pr) = padding
+    n = x.shape[0]
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+    ho = (xp.shape[1] - kh) // sh + 1
+    wo = (xp.shape[2] - kw) // sw + 1
+    taps = [
+        lax.slice(
+            xp,
+            (0, i, j, 0),
+            (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, x.shape[3]),
+            (1, sh, sw, 1),
+        ).reshape(n * ho * wo, groups, 1, cin_g)
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    cols = jnp.concatenate(taps, axis=2).reshape(n * ho * wo, groups, kh * kw * cin_g)
+    # (kh, kw, Cin/G, (G, Cout/G)) -> (G, kh * kw * Cin/G, Cout/G), taps in the cols' order.
+    k = kernel.reshape(kh * kw * cin_g, groups, cout // groups).transpose(1, 0, 2)
+    acc = jnp.promote_types(jnp.promote_types(x.dtype, kernel.dtype), jnp.float32)
+    dims = (((2,), (1,)), ((1,), (0,)))
+    y = lax.dot_general(cols, k, dims, precision=precision, preferred_element_type=acc)
+    return y.astype(x.dtype).transpose(1, 0, 2).reshape(n, ho, wo, cout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def grouped_conv2d(x: Array, kernel: Array, strides, padding, groups: int, precision=None) -> Array:
+    """NHWC x HWIO convolution with `groups` feature groups (no dilation).
+
+    Forward: XLA's grouped convolution. Backward: the gradients of the same
+    convolution written as im2col (`_grouped_im2col`), matrix products batched
+    over groups; XLA:CPU's own autodiff of a grouped convolution is many times
+    slower (see the module docstring).
+
+    Args:
+        x: (N, H, W, Cin).
+        kernel: (KH, KW, Cin / groups, Cout).
+        strides: (sh, sw).
+        padding: ((top, bottom), (left, right)).
+        groups: feature groups; divides Cin and Cout.
+        precision: passed to the convolution and the matrix products.
+
+    Returns:
+        (N, Ho, Wo, Cout), `lax.conv_general_dilated(..., feature_group_count=groups)`.
+    """
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        strides,
+        padding,
+        dimension_numbers=_NHWC,
+        feature_group_count=groups,
+        precision=precision,
+    )
+
+
+def _grouped_fwd(x, kernel, strides, padding, groups, precision):
+    return grouped_conv2d(x, kernel, strides, padding, groups, precision), (x, kernel)
+
+
+def _grouped_bwd(strides, padding, groups, precision, residuals, g):
+    x, kernel = residuals
+    _, vjp = jax.vjp(
+        lambda x, k: _grouped_im2col(x, k, strides, padding, groups, precision), x, kernel
+    )
+    dx, dk = vjp(g.astype(x.dtype))
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+grouped_conv2d.defvjp(_grouped_fwd, _grouped_bwd)
 
 
 # Inference with the Winograd kernel transforms computed once.
