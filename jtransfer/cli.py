@@ -43,6 +43,9 @@ __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 PROG = "python -m jtransfer"
 DEFAULT_MAX_SKIPS = 10  # --skip-nonfinite without N; as jtransfer.fit.MAX_CONSECUTIVE_SKIPS
+# --batch-dtype, the default first: uint8 batches are normalised inside the compiled step to
+# the float32 path's bits, with a quarter of the bytes (docs/performance.md has the timings).
+BATCH_DTYPES = ("uint8", "float32")
 
 _DESCRIPTION = """\
 Fine-tune torchvision ResNet / VGG models in JAX, predict with them, export them back to
@@ -248,6 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="float32 precision of convolutions and matrix products: default is XLA's "
         "(TensorFloat-32 on NVIDIA GPUs since Ampere), highest is full float32 (slower on "
         "such GPUs; the same on the CPU) (default: default)",
+    )
+    ft.add_argument(
+        "--batch-dtype",
+        choices=BATCH_DTYPES,
+        default=BATCH_DTYPES[0],
+        help="how image batches travel to the device: uint8 pixels, normalised inside the "
+        "compiled step (a quarter of the bytes), or float32 normalised by the loader; the "
+        f"numbers are the same to the bit (default: {BATCH_DTYPES[0]})",
     )
     ft.add_argument(
         "--workers",
@@ -471,6 +482,7 @@ def _finetune(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _run_finetune(args: argparse.Namespace, argv: Sequence[str], stopper: _SignalStop) -> int:
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     import jtransfer as jt
     from jtransfer import checkpoint, data, distributed, fit, partition, train
@@ -530,6 +542,7 @@ def _run_finetune(args: argparse.Namespace, argv: Sequence[str], stopper: _Signa
             skip_bad_images=args.skip_bad_images,
             image_size=args.image_size,
             shard_options=distributed.process_shard_options() if n_proc > 1 else None,
+            dtype=np.dtype(args.batch_dtype),
             **view.loader_kwargs(train=True),
         )
         test_loader = data.make_loader(
@@ -539,6 +552,7 @@ def _run_finetune(args: argparse.Namespace, argv: Sequence[str], stopper: _Signa
             skip_bad_images=args.skip_bad_images,
             image_size=args.image_size,
             cache_eval=len(test_folder) * 3 * args.image_size**2 < 2**30,
+            dtype=np.dtype(args.batch_dtype),
             **view.loader_kwargs(train=False),
         )
         for loader in (train_loader, test_loader):
@@ -916,7 +930,8 @@ def _dataset(root: Path):
 
 def _config(args: argparse.Namespace, classes: list[str]) -> dict[str, Any]:
     """What must match for --out to be resumed (not --epochs, --workers, --save-every, nor
-    --skip-nonfinite: adding it to resume a run that stopped on a NaN is its main use)."""
+    --skip-nonfinite: adding it to resume a run that stopped on a NaN is its main use; nor
+    --batch-dtype: uint8 and float32 batches train to the same bits)."""
     weights = args.weights
     hub_name = weights.startswith("hf-hub:")
     if weights.lower() != "none" and not hub_name and (os.sep in weights or Path(weights).suffix):

@@ -446,6 +446,7 @@ test/ or val/ (ignored).
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     from jtransfer import models
+    from jtransfer.cli import BATCH_DTYPES
 
     # fmt: off
     p.add_argument("--data", required=True, metavar="DIR",
@@ -479,6 +480,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="steps of the sweep (default: 100; 100 to 300 is usual)")
     p.add_argument("--workers", type=int, default=0,
                    help="data-loading worker processes (default: 0)")
+    p.add_argument("--batch-dtype", choices=BATCH_DTYPES, default=BATCH_DTYPES[0],
+                   help="uint8 pixels normalised in the compiled step, or float32 normalised "
+                   f"by the loader: the same numbers (default: {BATCH_DTYPES[0]})")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of shuffling, augmentation and head init (default: 0)")
     p.add_argument("--out", default="runs/lr_find", metavar="DIR",
@@ -537,6 +541,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
         worker_count=args.workers,
         image_size=args.image_size,
         **view.loader_kwargs(train=True),
+        dtype=np.dtype(args.batch_dtype),
     )
     num_classes = len(folder.classes)
     model = models.create(args.arch, num_classes=num_classes)

@@ -278,3 +278,49 @@ def test_data_parallel_step_uint8_on_two_devices():
     result = run_on_two_cpu_devices(_SHARDED)
     assert result["uint8_devices"] == result["float32_devices"] == 2
     assert result["uint8"] == result["float32"]
+
+
+def test_a_uint8_loader_brings_its_mean_and_std(model, variables, tmp_path):
+    folder = data.make_demo_imagefolder(tmp_path / "test", n_per_class=3, size=SIZE, seed=2)
+    opts = dict(batch_size=4, train=False, image_size=SIZE, resize_size=(SIZE, SIZE))
+    stats = dict(mean=OTHER_MEAN, std=OTHER_STD)  # e.g. a timm checkpoint's
+    as_uint8 = data.make_loader(folder, dtype=np.uint8, **opts, **stats)
+    as_float = data.make_loader(folder, **opts, **stats)
+    assert next(iter(as_uint8))["image"].dtype == np.uint8
+    assert fit.normalization(None, None, as_uint8) == (OTHER_MEAN, OTHER_STD)
+    assert fit.normalization(None, None, as_float) == (None, None)  # normalised already
+    with pytest.raises(ConfigError, match="differs from the mean"):
+        fit.normalization(data.IMAGENET_MEAN, None, as_uint8)
+    # Evaluated with the loader's statistics, not ImageNet's: the float32 loader's numbers.
+    assert fit.evaluate(model, variables, as_uint8) == fit.evaluate(model, variables, as_float)
+
+
+def test_cli_finetune_batch_dtypes_train_to_the_same_bits(tmp_path):
+    import contextlib
+    import io
+
+    from cli_subprocess import assert_bit_identical, saved_state
+
+    from jtransfer import checkpoint, cli
+
+    root = tmp_path / "data"
+    data.make_demo_imagefolder(root / "train", n_per_class=4, size=40, seed=0)
+    data.make_demo_imagefolder(root / "test", n_per_class=2, size=40, seed=1)
+
+    def finetune(out, *extra):
+        argv = ["finetune", "--data", root, "--weights", "none", "--freeze", "backbone"]
+        argv += ["--image-size", "32", "--batch-size", "4", "--epochs", "1", "--out", out]
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            code = cli.main([str(a) for a in (*argv, *extra)])
+        assert code == 0
+        return stdout.getvalue()
+
+    finetune(tmp_path / "float32", "--batch-dtype", "float32")
+    finetune(tmp_path / "uint8")  # the default
+    steps = checkpoint.checkpoint_steps(tmp_path / "uint8")
+    assert steps == checkpoint.checkpoint_steps(tmp_path / "float32") == [2]
+    assert_bit_identical(saved_state(tmp_path / "uint8", 2), saved_state(tmp_path / "float32", 2))
+    # The same bits either way, so the flag is no part of the run: a float32 run resumes as uint8.
+    assert "batch_dtype" not in checkpoint.read_metadata(tmp_path / "float32")["config"]
+    assert "nothing to do" in finetune(tmp_path / "float32")
