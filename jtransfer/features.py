@@ -176,15 +176,21 @@ def _resolve(model: nn.Module, stages: StageSpec) -> tuple[tuple[str, str], ...]
 # extract
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 4, 5))
-def _stage_outputs(
-    model: nn.Module, keys: tuple[str, ...], variables, x, mean=None, std=None
-) -> dict[str, jax.Array]:
-    # uint8 pixels are normalised here, on the device (`train.normalize_images`).
-    x = train.normalize_images(x, mean, std)
+def _feature_maps(model: nn.Module, keys: tuple[str, ...], variables, x) -> dict[str, jax.Array]:
     # XLA drops whatever the requested stages do not need (e.g. the head for "layer4").
     maps = model.apply(variables, x, train=False, method="feature_maps")
     return {k: maps[k].astype(jnp.float32) for k in keys}
+
+
+_stage_outputs = jax.jit(_feature_maps, static_argnums=(0, 1))  # normalised float images
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 4, 5))
+def _pixel_stage_outputs(
+    model: nn.Module, keys: tuple[str, ...], variables, pixels, mean, std
+) -> dict[str, jax.Array]:
+    """`_stage_outputs` of uint8 pixels, normalised here, on the device."""
+    return _feature_maps(model, keys, variables, train.normalize_images(pixels, mean, std))
 
 
 def _batches(images: Any, batch_size: int) -> Iterator[np.ndarray]:
@@ -269,7 +275,10 @@ def extract(
         x = x if x.dtype == jnp.uint8 else x.astype(jnp.float32)
         if n < size:  # pad: eval-mode outputs are per example, the padding is sliced off
             x = jnp.concatenate([x, jnp.zeros((size - n, *x.shape[1:]), x.dtype)])
-        out = _stage_outputs(model, keys, variables, x, mean, std)  # dispatched asynchronously
+        if x.dtype == jnp.uint8:  # dispatched asynchronously
+            out = _pixel_stage_outputs(model, keys, variables, x, mean, std)
+        else:
+            out = _stage_outputs(model, keys, variables, x)
         for k in keys:
             pieces[k].append(out[k][:n])
     if size is None:
