@@ -2,7 +2,7 @@
 
 One command:
 
-    python benchmarks/bench.py [--archs resnet18 resnet50 vgg16_bn] [--batch 16 32]
+    python benchmarks/bench.py [--archs resnet18 resnet50 vgg16_bn ...] [--batch 16 32]
                                [--size 112] [--reps 3] [--processes 1] [--quick]
                                [--out benchmarks/RESULTS.md]
 
@@ -587,7 +587,7 @@ def run_case(
         r.torch_threads = torch.get_num_threads()
         results.append(r)
         log(
-            f"  {arch:9s} b{batch:<3d} {mode:8s} torch {r.torch_ips:7.1f} img/s "
+            f"  {arch:16s} b{batch:<3d} {mode:8s} torch {r.torch_ips:7.1f} img/s "
             f"({r.torch_threads} thr)  jax {r.jax_ips:7.1f} img/s  x{r.ratio:.2f}  "
             f"compile {r.compile_s:5.1f}s  {r.check}"
         )
@@ -754,7 +754,13 @@ def _threads(text: str) -> int | str | None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--archs", nargs="+", default=list(DEFAULT_ARCHS))
+    p.add_argument(
+        "--archs",
+        nargs="+",
+        default=None,
+        metavar="ARCH",
+        help=f"any of jt.models.ARCHS (default: {' '.join(DEFAULT_ARCHS)}; resnet18 with --quick)",
+    )
     p.add_argument("--batch", nargs="+", type=int, default=list(DEFAULT_BATCHES))
     p.add_argument(
         "--size", type=int, default=DEFAULT_SIZE, help="image side (default %(default)s)"
@@ -770,7 +776,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "float32 only)",
     )
     p.add_argument(
-        "--quick", action="store_true", help="resnet18, batch 16, 2 reps: about a minute"
+        "--quick",
+        action="store_true",
+        help="batch 16, 2 reps, resnet18 unless --archs names others: about a minute per arch",
     )
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     p.add_argument("--xla-flags", default=JAX_XLA_FLAGS, help="XLA CPU flags for the jax side")
@@ -803,7 +811,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.processes > 1 and args.in_process:
         p.error("--processes N > 1 runs each case in fresh processes; drop --in-process")
     if args.quick:
-        args.archs, args.batch, args.reps = ["resnet18"], [16], 2
+        args.batch, args.reps = [16], 2
+    if args.archs is None:
+        args.archs = ["resnet18"] if args.quick else list(DEFAULT_ARCHS)
+    import jtransfer as jt  # importing jax creates no backend: XLA flags can still be set
+
+    unknown = [a for a in args.archs if a not in jt.models.ARCHS]
+    if unknown:
+        p.error(f"unknown --archs {', '.join(unknown)}; choose from {', '.join(jt.models.ARCHS)}")
     return args
 
 
