@@ -61,8 +61,9 @@ def test_forward_and_gradients_match_xla(size, cin, cout, k, stride, pad):
         assert err < 2e-6, err
 
 
-# (size, channels, groups, stride): ResNeXt's grouped 3x3 layers, stride 1 and 2 over odd sizes.
-GROUPED = [(9, 32, 8, 1), (11, 64, 32, 2), (6, 48, 4, 1)]
+# (size, channels, groups, stride): ResNeXt's grouped 3x3 layers, stride 1 and 2 over odd
+# sizes; 57 px is a large map, convolved one image at a time.
+GROUPED = [(9, 32, 8, 1), (11, 64, 32, 2), (6, 48, 4, 1), (57, 16, 4, 2)]
 
 
 @pytest.mark.parametrize(("size", "channels", "groups", "stride"), GROUPED)
