@@ -39,3 +39,14 @@ def test_random_variables_have_init_tree_and_torchvision_like_values(arch):
     # The variables run: finite logits of the right shape.
     logits = model.apply(variables, np.ones((2, 32, 32, 3), np.float32), train=False)
     assert logits.shape == (2, 3) and np.isfinite(logits).all()
+
+
+def test_grouped_and_wide_variants_need_bottlenecks_as_in_torchvision():
+    # torchvision's BasicBlock raises for groups != 1 or width_per_group != 64; so do we.
+    model = jt.models.create("resnet18", groups=32, width_per_group=4)
+    with pytest.raises(jt.ConfigError, match="BasicBlock only supports groups=1"):
+        jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
+    # Same stages and keys, different widths: the registry tells them apart (fit.infer_arch).
+    rx, r50 = (jt.models.create(a) for a in ("resnext50_32x4d", "resnet50"))
+    assert (rx.stage_sizes, rx.block_cls) == (r50.stage_sizes, r50.block_cls)
+    assert (rx.groups, rx.width_per_group, r50.groups, r50.width_per_group) == (32, 4, 1, 64)
