@@ -15,7 +15,8 @@ ResNeXt and Wide ResNet (grouped or wider Bottlenecks: `SMALL_INPUT`) run
 eval at 64 px: their stem, pools and strides are ResNet-50's and -101's, checked
 at 224 px; what is theirs (the grouped and wide 3x3 convolutions) any size
 exercises, and at 224 px their compilations and float64 torch forwards would
-cost minutes of the suite's CPU time. Train mode stays at 97 px: at 65 px
+cost minutes of the suite's CPU time; they run on jtransfer's CPU convolutions only
+(`_conv_paths`). Train mode stays at 97 px: at 65 px
 (layer4 3x3, 18 values per BatchNorm channel) Wide ResNet-101's running
 statistics on the Winograd path were 1.7x torch's own distance from float64
 (1.7e-4 vs 9.8e-5; XLA's convolutions 1.1e-4), at 97 px 1.2x.
@@ -49,11 +50,28 @@ def _grouped_or_wide(arch: str) -> bool:
 SMALL_INPUT = tuple(a for a in jt.models.ARCHS if _grouped_or_wide(a))
 
 
-# Module-scoped and parametrised: pytest runs every test of one architecture
-# before the next, so each is ported once and one at a time is held in memory.
-@pytest.fixture(scope="module", params=jt.models.ARCHS)
-def arch(request):
-    return request.param
+# The convolutions: "auto" is jtransfer's CPU forms (Winograd, per-tap products);
+# "xla" is XLA's own convolutions with XLA's autodiff, which is what runs on a GPU or
+# TPU (jtransfer.models.conv): checked here on the CPU, to the same targets.
+CONV_PATHS = ("auto", "xla")
+
+
+def _conv_paths(arch: str) -> tuple[str, ...]:
+    # SMALL_INPUT archs on XLA's convolutions add no code path: their grouped layers'
+    # forward is XLA's own on both paths, their other layers are ResNet-50/101's, checked
+    # on both. Measured on both for docs/parity.md; one path saves the suite ~100 s.
+    return ("auto",) if arch in SMALL_INPUT else CONV_PATHS
+
+
+def pytest_generate_tests(metafunc):
+    # Module-scoped parameters: pytest runs every test of one architecture before
+    # the next, so each is ported once and one at a time is held in memory.
+    if "conv_path" in metafunc.fixturenames:
+        cases = [(a, p) for a in jt.models.ARCHS for p in _conv_paths(a)]
+        ids = [f"{a}-{p}" for a, p in cases]
+        metafunc.parametrize(("arch", "conv_path"), cases, ids=ids, scope="module")
+    elif "arch" in metafunc.fixturenames:
+        metafunc.parametrize("arch", jt.models.ARCHS, scope="module")
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +81,6 @@ def ported(arch):
     variables = porting.from_torchvision(net.state_dict(), arch)
     sd = {k: v.clone() for k, v in net.state_dict().items()}
     return net, variables, sd
-
-
-# The convolutions: "auto" is jtransfer's CPU forms (Winograd, per-tap products);
-# "xla" is XLA's own convolutions with XLA's autodiff, which is what runs on a GPU or
-# TPU (jtransfer.models.conv): checked here on the CPU, to the same targets.
-@pytest.fixture(scope="module", params=["auto", "xla"])
-def conv_path(request):
-    return request.param
 
 
 @pytest.fixture(scope="module")
