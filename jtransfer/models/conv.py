@@ -38,7 +38,7 @@ float32 or wider whatever the compute dtype).
 Grouped convolutions (ResNeXt's 3x3 layers: 32 or 64 groups of 4 to 64
 channels) run forward as XLA's own grouped convolution (on large maps one per
 image, faster on XLA:CPU), but
-XLA:CPU's autodiff of it is unusable: its kernel and input gradients ran 30-70x
+XLA:CPU's autodiff of it is unusable: its kernel and input gradients ran 30-100x
 slower than torch's on ResNeXt-50's layers (docs/performance.md). Their
 backward pass (`grouped_conv2d`) is the gradient of the same convolution
 written as im2col: the k*k taps gathered into (positions, groups, k*k*Cin/G) and
