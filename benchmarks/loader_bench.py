@@ -22,7 +22,7 @@ with its parent count once per process, as ``ps`` shows them).
 
 Usage::
 
-    python benchmarks/loader_bench.py            # the table in docs/performance.md (~6 min)
+    python benchmarks/loader_bench.py            # the table in docs/performance.md (~7 min)
     python benchmarks/loader_bench.py --quick    # smoke run (~1-2 min)
     python benchmarks/loader_bench.py --out LOADER.md --json LOADER.json
 """
@@ -301,7 +301,7 @@ def markdown(cells: list[Cell], draft_rows: list[dict], meta: dict) -> str:
 def main(argv: list[str] | None = None) -> tuple[list[Cell], list[dict]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few images, workers 0 and 2, 1 rep")
-    parser.add_argument("--images", type=int, help="photo-sized JPEGs (default 640, quick 96)")
+    parser.add_argument("--images", type=int, help="photo-sized JPEGs (default 320, quick 96)")
     parser.add_argument("--big", type=int, help="4000x3000 JPEGs for the draft table (default 8)")
     parser.add_argument("--reps", type=int, help="alternating reps (default 3, quick 1)")
     parser.add_argument("--workers", type=int, nargs="+", help="worker counts")
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> tuple[list[Cell], list[dict]]:
     parser.add_argument("--json", type=Path, help="write the raw numbers here")
     args = parser.parse_args(argv)
     cpus = os.cpu_count() or 1
-    images = args.images or (96 if args.quick else 640)
+    images = args.images or (96 if args.quick else 320)
     big = args.big if args.big is not None else (2 if args.quick else 8)
     reps = args.reps or (1 if args.quick else 3)
     workers = args.workers or ([0, 2] if args.quick else sorted({0, 1, 2, cpus}))
