@@ -299,15 +299,18 @@ def markdown(cells: list[Cell], draft_rows: list[dict], meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> tuple[list[Cell], list[dict]]:
+    global BATCH
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few images, workers 0 and 2, 1 rep")
     parser.add_argument("--images", type=int, help="photo-sized JPEGs (default 320, quick 96)")
     parser.add_argument("--big", type=int, help="4000x3000 JPEGs for the draft table (default 8)")
     parser.add_argument("--reps", type=int, help="alternating reps (default 3, quick 1)")
     parser.add_argument("--workers", type=int, nargs="+", help="worker counts")
+    parser.add_argument("--batch", type=int, default=BATCH, help="batch size (default 32)")
     parser.add_argument("--out", type=Path, help="write the markdown table here")
     parser.add_argument("--json", type=Path, help="write the raw numbers here")
     args = parser.parse_args(argv)
+    BATCH = args.batch
     cpus = os.cpu_count() or 1
     images = args.images or (96 if args.quick else 320)
     big = args.big if args.big is not None else (2 if args.quick else 8)

@@ -283,3 +283,27 @@ def test_gpu_check_reports_a_failing_stage_and_runs_the_next(gpu_check, tmp_path
 
     record = json.loads(out.with_suffix(".json").read_text())
     assert [s["status"] for s in record["stages"]] == ["error", "ok", "fail", "skipped"]
+
+
+def test_loader_bench_tiny_run_writes_the_table(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "jt_loader_bench", BENCH.parent / "loader_bench.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["jt_loader_bench"] = module  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop("jt_loader_bench", None)
+    out = tmp_path / "LOADER.md"
+    argv = ["--images", "8", "--batch", "4", "--workers", "0", "1", "--reps", "1", "--big", "2"]
+    cells, draft_rows = module.main([*argv, "--out", str(out)])
+    assert {(c.mode, c.workers, c.variant) for c in cells} == {
+        (m, w, v)
+        for m in ("train", "eval")
+        for w in (0, 1)
+        for v in ("torch", "float32", "uint8", "uint8+cache")
+    }
+    assert all(c.ips[0] > 0 and c.rss[0] > 0 for c in cells)
+    assert [r["mode"] for r in draft_rows] == ["train", "eval"]
+    assert "| train | 1 |" in out.read_text() and "draft img/s" in out.read_text()
