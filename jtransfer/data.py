@@ -1,4 +1,4 @@
-"""ImageFolder input, torchvision-equivalent transforms, a grain loader and device prefetch.
+"""ImageFolder input, torchvision-equivalent transforms, a multi-process loader, device prefetch.
 
 Everything here is numpy / PIL / grain / JAX; torch is never imported. The deterministic
 transforms return exactly what torchvision's do on the same PIL image (the tests compare them),
@@ -1400,7 +1400,7 @@ class ImageLoader:
         """The same batches as a grain pipeline, for use inside a larger grain program.
 
         Iterating the loader does not use it: its own worker pool moves batches through
-        shared memory with less overhead, and reports dead workers and unguarded scripts.
+        shared memory with less overhead, and reports dead workers.
 
         Args:
             start: the first global batch (``epoch * steps_per_epoch + step``).
@@ -1560,8 +1560,10 @@ def make_loader(
         seed: shuffling and augmentation seed, a non-negative int below 2**32.
         num_epochs: epochs served by one pass over the iterator; None for endless.
         worker_count: worker processes decoding batches; 0 decodes in this process (still one
-            batch ahead in a background thread). Workers are started with ``spawn``, so a
-            script using them needs the ``if __name__ == "__main__":`` guard.
+            batch ahead in a background thread). Workers are spawned without re-running the
+            main script, so no ``if __name__ == "__main__":`` guard is needed; they stop
+            (and their shared memory is freed) at the end of the pass, on ``close()``, on an
+            error or at exit, and a worker that dies raises `LoaderWorkerError`.
         drop_remainder: drop each epoch's last incomplete batch. Default: True for training
             (every step sees a full batch, so the compiled step is reused), False for
             evaluation (every example is scored exactly once).
