@@ -1145,9 +1145,16 @@ def _main_module_hidden() -> Iterator[None]:
     """
     main = sys.modules.get("__main__")
     sys.modules["__main__"] = types.ModuleType("__main__")
+    # Ctrl-C goes to the whole process group: a worker still starting up would print a
+    # KeyboardInterrupt traceback. An ignored SIGINT survives exec, so the child ignores it
+    # from its first instruction; the main process handles Ctrl-C and stops the workers.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    sigint = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
     try:
         yield
     finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, sigint)
         if main is None:
             del sys.modules["__main__"]
         else:
@@ -1229,6 +1236,14 @@ class _ProcessBatches(Iterator[dict[str, np.ndarray]]):
         mb = job.make_batch
         self._shape, self._dtype = mb.image_shape, mb.dtype
         self._slot_bytes = job.batch_size * int(np.prod(self._shape)) * mb.dtype.itemsize
+        needed = self._slot_bytes * _SLOTS_PER_WORKER * worker_count
+        if needed > _shm_free_bytes():
+            raise ConfigError(
+                f"worker_count={worker_count} needs {needed / 2**20:.0f} MiB of shared memory "
+                f"(/dev/shm) for its batches, and {_shm_free_bytes() / 2**20:.0f} MiB are free. "
+                "Give the container more (docker run --shm-size=2g), or lower batch_size or "
+                "worker_count, or pass dtype=np.uint8 (a quarter of the bytes)."
+            )
         self._shm: shared_memory.SharedMemory | None = shared_memory.SharedMemory(
             create=True, size=self._slot_bytes * _SLOTS_PER_WORKER * worker_count
         )
@@ -1707,8 +1722,20 @@ def make_loader(
     )
 
 
+def _shm_free_bytes() -> float:
+    """Free bytes for shared memory (/dev/shm), or infinity where there is no such folder."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except (OSError, AttributeError):
+        return math.inf
+    return float(st.f_bavail * st.f_frsize)
+
+
 def _fits(make_batch: _MakeBatch, samples: Sequence[Sample], budget: float) -> bool:
     """Whether the decode cache of ``samples`` fits ``budget`` bytes (stops reading early)."""
+    # Shared memory lives in /dev/shm on Linux; a container's is often 64 MB, and writing past
+    # its end kills the process with SIGBUS, so the budget never exceeds what is free there.
+    budget = min(budget, _shm_free_bytes() * 0.5)
     if budget <= 0:
         return False
     if not make_batch._train:
