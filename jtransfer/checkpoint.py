@@ -1093,7 +1093,17 @@ def _load_for_inference(path: Path, which: str | int, *, rotated_ok: bool = True
     steps = checkpoint_steps(path)
     if not steps:
         _require_checkpoints(path)  # raises, saying why
-    mngr = _reader(path)
+    try:
+        mngr = _reader(path)
+    except FileNotFoundError as e:
+        # Orbax lists the steps, then reads each one's time: a step deleted in between by
+        # the run writing the directory is a rotation, not damage.
+        if rotated_ok:
+            raise _Rotated from e
+        raise CheckpointError(
+            f"the checkpoints in {path} kept changing while they were read ({e}): the run "
+            "writing them deletes old ones as it goes. Read again, or once that run ends."
+        ) from e
     candidates = _ranked_steps(mngr, steps, which)
     failures = []
     for i, step in enumerate(candidates):

@@ -377,3 +377,29 @@ def test_a_checkpoint_the_writer_deletes_while_it_is_read_is_not_damage(
             _, _, meta = checkpoint.load_for_inference(directory, "latest")
     assert meta["step"] == 4  # listed again, and what is there now was read
     assert checkpoint.writer(directory) is None  # the lock went with its Checkpointer
+
+
+def test_a_step_deleted_while_orbax_lists_the_directory_is_read_again(
+    resnet_dir, tmp_path, monkeypatch
+):
+    directory = tmp_path / "run"
+    shutil.copytree(resnet_dir, directory, ignore=shutil.ignore_patterns(checkpoint.WRITER_LOCK))
+    real, calls = checkpoint._reader, []
+
+    def rotated_while_listing(path):
+        calls.append(path)
+        if len(calls) == 1:  # the writer deleted step 8 between the listing and its stat
+            shutil.rmtree(path / "8")
+            raise FileNotFoundError(2, "No such file or directory", str(path / "8"))
+        return real(path)
+
+    monkeypatch.setattr(checkpoint, "_reader", rotated_while_listing)
+    _, _, meta = checkpoint.load_for_inference(directory, "latest")
+    assert meta["step"] == 4 and len(calls) > 1  # listed again, and step 4 read
+
+    def always_rotating(path):
+        raise FileNotFoundError(2, "No such file or directory", str(path / "4"))
+
+    monkeypatch.setattr(checkpoint, "_reader", always_rotating)
+    with pytest.raises(CheckpointError, match="kept changing while they were read"):
+        checkpoint.load_for_inference(directory, "latest")
