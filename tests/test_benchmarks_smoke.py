@@ -307,3 +307,17 @@ def test_loader_bench_tiny_run_writes_the_table(tmp_path):
     assert all(c.ips[0] > 0 and c.rss[0] > 0 for c in cells)
     assert [r["mode"] for r in draft_rows] == ["train", "eval"]
     assert "| train | 1 |" in out.read_text() and "draft img/s" in out.read_text()
+
+
+def test_grouped_layers_times_both_forms_and_they_agree(capsys):
+    spec = importlib.util.spec_from_file_location(
+        "jt_grouped_layers", BENCH.parent / "grouped_layers.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--batch", "1", "--reps", "1", "--groups", "8", "--widths", "4", "--sizes", "9"]
+    rows = module.main(argv)
+    assert [(r["stride"], r["width"]) for r in rows] == [(1, 4), (2, 4)]
+    assert all(r["taps_ms"] > 0 and r["xla_ms"] > 0 and r["torch_ms"] > 0 for r in rows)
+    assert all(r["rel_err"] < 2e-6 for r in rows)  # the two forms are one convolution
+    assert "| 8 | 9 | 32 (4) | 2 |" in capsys.readouterr().out

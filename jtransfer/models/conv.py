@@ -36,14 +36,18 @@ differ from XLA's by rounding only (docs/parity.md measures it; sums are
 float32 or wider whatever the compute dtype).
 
 Grouped convolutions (ResNeXt's 3x3 layers: 32 or 64 groups of 4 to 64
-channels) run forward as XLA's own grouped convolution (on large maps one per
-image, faster on XLA:CPU), but
-XLA:CPU's autodiff of it is unusable: its kernel and input gradients ran 30-100x
+channels) with at most 8 input channels per group run forward as one elementwise
+sum over taps and in-group channels (`_grouped_taps`); XLA:CPU's grouped
+convolution is several times slower there. Wider groups run XLA's grouped
+convolution (on large maps one per image, faster on XLA:CPU). XLA:CPU's autodiff
+of a grouped convolution is unusable: its kernel and input gradients ran 30-100x
 slower than torch's on ResNeXt-50's layers (docs/performance.md). Their
 backward pass (`grouped_conv2d`) is the gradient of the same convolution
 written as im2col: the k*k taps gathered into (positions, groups, k*k*Cin/G) and
-one matrix product batched over groups; sums reordered, rounding only. Grouped
-layers never use Winograd (the per-group products are too thin).
+one matrix product batched over groups, except that a narrow stride-1 layer's
+input gradient is the flipped convolution run by `_grouped_taps`; sums
+reordered, rounding only. Grouped layers never use Winograd (the per-group
+products are too thin).
 
 Configurations other than 2-D NHWC / HWIO without dilation fall back to
 `lax.conv_general_dilated`.
@@ -408,10 +412,12 @@ def _grouped_im2col(x: Array, kernel: Array, strides, padding, groups: int, prec
 def grouped_conv2d(x: Array, kernel: Array, strides, padding, groups: int, precision=None) -> Array:
     """NHWC x HWIO convolution with `groups` feature groups (no dilation).
 
-    Forward: XLA's grouped convolution. Backward: the gradients of the same
-    convolution written as im2col (`_grouped_im2col`), matrix products batched
-    over groups; XLA:CPU's own autodiff of a grouped convolution is many times
-    slower (see the module docstring).
+    Forward: `_grouped_taps` for at most `_TAPS_MAX_GROUP_CHANNELS` input channels
+    per group, else XLA's grouped convolution. Backward: the gradients of the same
+    convolution written as im2col (`_grouped_im2col`), matrix products batched over
+    groups (the input gradient of a narrow stride-1 layer by `_grouped_taps`);
+    XLA:CPU's own autodiff of a grouped convolution is many times slower (see the
+    module docstring).
 
     Args:
         x: (N, H, W, Cin).
@@ -422,7 +428,8 @@ def grouped_conv2d(x: Array, kernel: Array, strides, padding, groups: int, preci
         precision: passed to the convolution and the matrix products.
 
     Returns:
-        (N, Ho, Wo, Cout), `lax.conv_general_dilated(..., feature_group_count=groups)`.
+        (N, Ho, Wo, Cout): `lax.conv_general_dilated(..., feature_group_count=groups)`
+        up to rounding.
     """
 
     def conv(part: Array) -> Array:
@@ -436,11 +443,13 @@ def grouped_conv2d(x: Array, kernel: Array, strides, padding, groups: int, preci
             precision=precision,
         )
 
+    n, h, w, _ = x.shape
+    if kernel.shape[2] <= _TAPS_MAX_GROUP_CHANNELS:
+        return _grouped_taps(x, kernel, strides, padding, groups)
     # XLA:CPU's grouped convolution ran ResNeXt-50's large-map layers (28x28 and
     # up at 112 px) 1.5-2.5x faster as one convolution per image than over the
     # whole batch (docs/performance.md); small maps gain nothing, and more than
     # `_GROUPED_MAX_PARTS` parts would only grow the program.
-    n, h, w, _ = x.shape
     parts = min(n, _GROUPED_MAX_PARTS) if h * w >= _GROUPED_SPLIT_MIN_POSITIONS else 1
     if parts < 2:
         return conv(x)
@@ -451,6 +460,51 @@ def grouped_conv2d(x: Array, kernel: Array, strides, padding, groups: int, preci
 _GROUPED_MAX_PARTS = 16
 _GROUPED_SPLIT_MIN_POSITIONS = 28 * 28
 
+# Grouped layers with at most this many input channels per group run by
+# `_grouped_taps`, 1.5-10x faster than XLA:CPU's grouped convolution at every map size
+# measured; with wider groups the elementwise sum grows long and XLA's is faster
+# (docs/performance.md, "Grouped convolutions").
+_TAPS_MAX_GROUP_CHANNELS = 8
+
+
+def _grouped_taps(x: Array, kernel: Array, strides, padding, groups: int) -> Array:
+    """A grouped convolution as one elementwise sum over taps and in-group channels.
+
+    For in-group input channel ``i``, ``x_i`` holds input channel ``(g, i)`` in every
+    output channel of group ``g`` (a copy of the input broadcast within groups, made
+    once); then ``y = sum over (i, tap) of shift(x_i, tap) * kernel[tap, i, :]``, each
+    term a contiguous multiply-add along the channels. XLA fuses the sum into one
+    loop; the copies are kept apart (`lax.optimization_barrier`) because a broadcast
+    fused into that loop gathers channel by channel and vectorises badly.
+    """
+    kh, kw, cin_g, cout = kernel.shape
+    sh, sw = strides
+    (pt, pb), (pl, pr) = padding
+    n = x.shape[0]
+    acc_dtype = jnp.promote_types(jnp.promote_types(x.dtype, kernel.dtype), jnp.float32)
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+    hp, wp = xp.shape[1], xp.shape[2]
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    grouped = xp.reshape(n, hp, wp, groups, 1, cin_g).astype(acc_dtype)
+    k = kernel.astype(acc_dtype)
+    total = None
+    for i in range(cin_g):
+        x_i = jnp.broadcast_to(grouped[..., i], (n, hp, wp, groups, cout // groups)).reshape(
+            n, hp, wp, cout
+        )
+        x_i = lax.optimization_barrier(x_i)
+        for a in range(kh):
+            for b in range(kw):
+                tap = lax.slice(
+                    x_i,
+                    (0, a, b, 0),
+                    (n, a + sh * (ho - 1) + 1, b + sw * (wo - 1) + 1, cout),
+                    (1, sh, sw, 1),
+                )
+                term = tap * k[a, b, i]
+                total = term if total is None else total + term
+    return total.astype(x.dtype)
+
 
 def _grouped_fwd(x, kernel, strides, padding, groups, precision):
     return grouped_conv2d(x, kernel, strides, padding, groups, precision), (x, kernel)
@@ -458,10 +512,24 @@ def _grouped_fwd(x, kernel, strides, padding, groups, precision):
 
 def _grouped_bwd(strides, padding, groups, precision, residuals, g):
     x, kernel = residuals
-    _, vjp = jax.vjp(
-        lambda x, k: _grouped_im2col(x, k, strides, padding, groups, precision), x, kernel
-    )
-    dx, dk = vjp(g.astype(x.dtype))
+    g = g.astype(x.dtype)
+    kh, kw, cin_g, cout = kernel.shape
+    if strides != (1, 1) or cout // groups > _TAPS_MAX_GROUP_CHANNELS:
+        _, vjp = jax.vjp(
+            lambda x, k: _grouped_im2col(x, k, strides, padding, groups, precision), x, kernel
+        )
+        dx, dk = vjp(g)
+        return dx.astype(x.dtype), dk.astype(kernel.dtype)
+    # Stride 1: the input gradient is the grouped convolution of dY with each group's
+    # kernel flipped and transposed, run by `_grouped_taps` like the forward.
+    (pt, pb), (pl, pr) = padding
+    cout_g = cout // groups
+    flipped = kernel.reshape(kh, kw, cin_g, groups, cout_g)[::-1, ::-1]
+    flipped = flipped.transpose(0, 1, 4, 3, 2).reshape(kh, kw, cout_g, groups * cin_g)
+    pads = ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr))
+    dx = _grouped_taps(g, flipped, (1, 1), pads, groups)
+    _, vjp = jax.vjp(lambda k: _grouped_im2col(x, k, strides, padding, groups, precision), kernel)
+    (dk,) = vjp(g)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
