@@ -249,6 +249,17 @@ class _TorchDraws:
         return int(torch.randint(low, high, size=(1,)).item())
 
 
+def test_the_loaders_lookup_table_normalizes_every_value_as_normalize_does():
+    # Every pixel value in every channel, for ImageNet's statistics and others.
+    pixels = np.stack([np.arange(256, dtype=np.uint8)] * 3, axis=-1).reshape(16, 16, 3)
+    pixels = np.stack([pixels, pixels[::-1, ::-1]])
+    for mean, std in ((data.IMAGENET_MEAN, data.IMAGENET_STD), ((0.5,) * 3, (0.5,) * 3)):
+        out = np.full(pixels.shape, np.nan, np.float32)
+        for k in range(len(pixels)):
+            data._normalize_by_table(pixels[k], out[k], mean, std)
+        np.testing.assert_array_equal(out, data.normalize(pixels, mean, std))
+
+
 def test_normalize_batch_is_bit_identical_to_totensor_normalize():
     pixels = np.random.default_rng(0).integers(0, 256, (3, 17, 11, 3), dtype=np.uint8)
     mean, std = (0.5, 0.25, 0.125), (0.2, 0.3, 0.4)

@@ -142,3 +142,36 @@ def test_a_killed_worker_is_named_never_waited_for(tmp_path, folder):
     assert error[1:4] == ["1", pids[1], str(-signal.SIGKILL)]
     assert f"Loader worker 1 (pid {pids[1]}) was killed by SIGKILL" in error[4]
     _assert_nothing_left(lines, stderr)
+
+
+def _environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        pairs = [item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item]
+    return {k.decode(): v.decode() for k, v in pairs}
+
+
+def test_workers_keep_freed_memory_unless_the_user_tuned_malloc(folder, monkeypatch):
+    for key in data._WORKER_MALLOC_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "12345")  # the user's own setting wins
+    loader = data.make_loader(
+        data.ImageFolder(folder), batch_size=4, train=True, worker_count=2, image_size=32
+    )
+    it = iter(loader)
+    try:
+        next(it)
+        for proc in it._source._procs:
+            env = _environ(proc.pid)
+            assert env["MALLOC_TOP_PAD_"] == "12345"
+            assert (
+                env["MALLOC_MMAP_THRESHOLD_"] == data._WORKER_MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]
+            )
+            assert (
+                env["MALLOC_TRIM_THRESHOLD_"] == data._WORKER_MALLOC_ENV["MALLOC_TRIM_THRESHOLD_"]
+            )
+    finally:
+        it.close()
+    # Only the workers got them: this process's environment is as it was.
+    assert "MALLOC_MMAP_THRESHOLD_" not in os.environ
+    assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
+    assert os.environ["MALLOC_TOP_PAD_"] == "12345"
