@@ -1326,7 +1326,12 @@ class _ProcessBatches(Iterator[dict[str, np.ndarray]]):
         r = g - self._start
         worker = r % self._count
         slot = worker * _SLOTS_PER_WORKER + (r // self._count) % _SLOTS_PER_WORKER
-        self._conns[worker].send((g, slot))
+        try:
+            self._conns[worker].send((g, slot))
+        except (BrokenPipeError, ConnectionResetError):
+            # The worker died after sending its last batch. Receiving from it next raises
+            # LoaderWorkerError naming it (`_receive` sees its exit), in batch order.
+            pass
 
     def _receive(self, worker: int) -> tuple:
         conn, proc = self._conns[worker], self._procs[worker]

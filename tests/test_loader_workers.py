@@ -175,3 +175,32 @@ def test_workers_keep_freed_memory_unless_the_user_tuned_malloc(folder, monkeypa
     assert "MALLOC_MMAP_THRESHOLD_" not in os.environ
     assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
     assert os.environ["MALLOC_TOP_PAD_"] == "12345"
+
+
+def test_a_worker_killed_after_its_last_reply_is_named_in_batch_order(folder):
+    loader = data.make_loader(
+        data.ImageFolder(folder),
+        batch_size=4,
+        train=True,
+        worker_count=2,
+        image_size=32,
+        num_epochs=None,
+        decode_cache_mb=0,
+    )
+    it = iter(loader)
+    try:
+        next(it)  # batch 0, from worker 0
+        pool = it._source
+        assert pool._conns[1].poll(60)  # worker 1's batch 1 waits in the pipe...
+        victim = pool._procs[1]
+        os.kill(victim.pid, signal.SIGKILL)  # ...and then it dies
+        victim.join(10)
+        # Batch 1 is served; handing the dead worker its next task must not raise
+        # BrokenPipeError (it did, in CI): the worker is named when its turn comes.
+        next(it)
+        with pytest.raises(data.LoaderWorkerError, match=r"Loader worker 1 .*SIGKILL") as e:
+            for _ in range(4):
+                next(it)
+        assert e.value.worker == 1 and e.value.pid == victim.pid
+    finally:
+        it.close()
