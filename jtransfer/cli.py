@@ -1021,7 +1021,7 @@ def _predict(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import jax
     import numpy as np
 
-    from jtransfer import checkpoint, data, models
+    from jtransfer import checkpoint, data, models, train
     from jtransfer.preprocess import Preprocessing
 
     if args.batch_size < 1:
@@ -1032,10 +1032,14 @@ def _predict(args: argparse.Namespace, argv: Sequence[str]) -> int:
     variables = models.prepare_inference(model, variables)  # kernel transforms once
     classes = meta.get("classes") or [str(i) for i in range(meta["num_classes"])]
     view = Preprocessing.from_metadata(meta)  # what training used; older runs: d2l's
+
+    @jax.jit
+    def probabilities(v, pixels):
+        # uint8 pixels travel; the normalisation runs here, to the host transform's bits.
+        x = train.normalize_images(pixels, view.mean, view.std)
+        return jax.nn.softmax(model.apply(v, x, train=False).astype("float32"), axis=-1)
+
     size = min(args.batch_size, len(paths))
-    probabilities = jax.jit(
-        lambda v, x: jax.nn.softmax(model.apply(v, x, train=False).astype("float32"), axis=-1)
-    )
     failed = 0
     for start in range(0, len(paths), size):
         chunk, images = [], []
@@ -1047,10 +1051,10 @@ def _predict(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 failed += 1
                 continue
             chunk.append(path)
-            images.append(view.eval(img))
+            images.append(view.eval_pixels(img))
         if not chunk:
             continue
-        x = np.zeros((size, *images[0].shape), np.float32)  # one batch shape: one compilation
+        x = np.zeros((size, *images[0].shape), np.uint8)  # one batch shape: one compilation
         x[: len(images)] = np.stack(images)
         probs = np.asarray(probabilities(variables, x))[: len(chunk)]
         for path, p in zip(chunk, probs, strict=True):

@@ -75,6 +75,7 @@ __all__ = [
     "center_crop",
     "check_same_classes",
     "crop",
+    "eval_pixels",
     "eval_transform",
     "example_rng",
     "hflip",
@@ -671,10 +672,26 @@ def train_transform(
     return to_normalized_array(img, mean, std)
 
 
-def _eval_pixels(
-    img: Image.Image, resize_size: Size, crop_size: Size, interpolation: str = "bilinear"
+def eval_pixels(
+    img: Image.Image,
+    resize_size: Size = (256, 256),
+    crop_size: Size = 224,
+    interpolation: str = "bilinear",
 ) -> np.ndarray:
-    """The uint8 pixels of the evaluation view (resize, then center crop)."""
+    """`eval_transform` before ``ToTensor`` and ``Normalize``: ``Resize`` + ``CenterCrop``.
+
+    The pixels a uint8 loader's evaluation batches hold; `jtransfer.train.normalize_images`
+    turns them into `eval_transform`'s float32 bits on the device.
+
+    Args:
+        img: an RGB image.
+        resize_size: as in `resize`.
+        crop_size: as in `center_crop`.
+        interpolation: the resize filter, as in `resize`.
+
+    Returns:
+        uint8 ``(crop, crop, 3)`` pixels.
+    """
     resized = resize(img, resize_size, interpolation)
     return np.asarray(center_crop(resized, crop_size), dtype=np.uint8)
 
@@ -704,7 +721,7 @@ def eval_transform(
     Returns:
         float32 ``(crop, crop, 3)`` normalised array.
     """
-    pixels = _eval_pixels(img, resize_size, crop_size, interpolation)
+    pixels = eval_pixels(img, resize_size, crop_size, interpolation)
     return to_normalized_array(pixels, mean, std)
 
 
@@ -951,7 +968,7 @@ class _MakeBatch:
         return 0 if self._cache is None else self._cache.nbytes
 
     def _eval_view(self, img: Image.Image) -> np.ndarray:
-        return _eval_pixels(img, self._resize_size, self._image_size, self._interpolation)
+        return eval_pixels(img, self._resize_size, self._image_size, self._interpolation)
 
     def _train_pixels(self, epoch: int, index: int) -> np.ndarray:
         rng = example_rng(self._seed, epoch, index)

@@ -52,7 +52,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +64,9 @@ from flax import traverse_util
 from jtransfer import heads, models, partition, train
 from jtransfer.errors import ConfigError, DataError
 from jtransfer.models.layers import head_init
+
+if TYPE_CHECKING:
+    from jtransfer.preprocess import Preprocessing
 
 __all__ = [
     "CACHE_VERSION",
@@ -338,13 +341,12 @@ def _file_list(paths: Sequence[str]) -> list[list[Any]]:
     return out
 
 
-def _eval_images(paths: Sequence[str], resize_size, crop_size, batch_size, pool) -> Iterator:
+def _eval_pixels(paths: Sequence[str], view: Preprocessing, batch_size: int, pool) -> Iterator:
+    """uint8 batches of the evaluation view; `extract` normalises them on the device."""
     from jtransfer import data
 
     def one(path: str) -> np.ndarray:
-        return data.eval_transform(
-            data.load_image(path), resize_size=resize_size, crop_size=crop_size
-        )
+        return view.eval_pixels(data.load_image(path))
 
     for start in range(0, len(paths), batch_size):
         yield np.stack(list(pool.map(one, paths[start : start + batch_size])))
@@ -352,6 +354,47 @@ def _eval_images(paths: Sequence[str], resize_size, crop_size, batch_size, pool)
 
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._")[:40] or "weights"
+
+
+def _embedding_view(
+    preprocessing: Preprocessing | None, image_size: int | None, resize_size: Any
+) -> Preprocessing:
+    """The evaluation view `embed_dataset` uses, from its arguments."""
+    from dataclasses import replace
+
+    from jtransfer.preprocess import Preprocessing
+
+    if preprocessing is not None and not isinstance(preprocessing, Preprocessing):
+        raise ConfigError(
+            f"preprocessing must be a jtransfer.preprocess.Preprocessing, got "
+            f"{type(preprocessing).__name__}; build one with Preprocessing.from_pretrained_cfg "
+            "or Preprocessing.from_metadata."
+        )
+    if image_size is not None and int(image_size) < 1:
+        raise ConfigError(f"image_size must be positive, got {image_size}")
+    view = preprocessing or Preprocessing.d2l(int(image_size or 224))
+    if image_size is not None and int(image_size) != view.crop_size:
+        view = view.with_crop_size(int(image_size))
+    if resize_size is not None:
+        resize = int(resize_size) if isinstance(resize_size, int) else tuple(resize_size)
+        view = replace(view, resize_size=resize)
+    return view
+
+
+def _transform_key(view: Preprocessing, resize: list[int]) -> dict[str, Any]:
+    """The cache key's view. torchvision's (bilinear, ImageNet statistics) keeps the key that
+    files written before views were recorded have, so those caches stay valid."""
+    from jtransfer.data import IMAGENET_MEAN, IMAGENET_STD
+
+    key: dict[str, Any] = {"resize": resize, "crop": int(view.crop_size)}
+    if view.interpolation == "bilinear" and (view.mean, view.std) == (
+        tuple(IMAGENET_MEAN),
+        tuple(IMAGENET_STD),
+    ):
+        key["normalize"] = "imagenet"
+    else:
+        key.update(interpolation=view.interpolation, mean=list(view.mean), std=list(view.std))
+    return key
 
 
 def embed_dataset(
@@ -362,8 +405,9 @@ def embed_dataset(
     cache_dir: str | os.PathLike[str],
     arch: str | None = None,
     weights_id: str | None = None,
-    image_size: int = 224,
+    image_size: int | None = None,
     resize_size: int | Sequence[int] | None = None,
+    preprocessing: Preprocessing | None = None,
     batch_size: int = 64,
     stage: str = PRELOGITS,
     num_threads: int | None = None,
@@ -375,7 +419,11 @@ def embed_dataset(
     head left out unless `stage` is "logits"), `arch`, `stage`, the transform settings, and
     the sorted list of image files with their sizes and modification times. A later call with
     the same key loads the file and runs no model; a changed, added or removed image, other
-    weights or another size give a new key. Files are written atomically.
+    weights, another size or another view give a new key. Files are written atomically.
+
+    Images are decoded and resized on the host (threads) and travel as uint8 pixels; the
+    normalisation runs on the device, to the bits of the float32 transform
+    (`train.normalize_images`).
 
     Args:
         model: a module from `jt.models.create`.
@@ -385,9 +433,17 @@ def embed_dataset(
         arch: `model`'s registry name; default: inferred from the module.
         weights_id: a readable name of the weights (e.g. "IMAGENET1K_V1") for the cache
             file's name. It does not replace the hash: other weights under the same id miss.
-        image_size: center-crop size of the evaluation transform.
-        resize_size: the resize before the crop, as in `jtransfer.data.resize`; default: a
-            square of round(image_size * 256 / 224) (d2l's ``Resize([256, 256])`` at 224).
+        image_size: center-crop size of the evaluation transform; default: the
+            preprocessing's crop size, else 224.
+        resize_size: the resize before the crop, as in `jtransfer.data.resize`; default: the
+            preprocessing's, else a square of round(image_size * 256 / 224) (d2l's
+            ``Resize([256, 256])`` at 224).
+        preprocessing: the weights' view (`jtransfer.preprocess.Preprocessing`, e.g.
+            ``porting.hub.preprocessing("hf-hub:timm/resnet50.a1_in1k")`` or a checkpoint's
+            ``Preprocessing.from_metadata``): its mean, std, resize filter and eval view
+            (resize then center crop); `image_size` rescales it as
+            `Preprocessing.with_crop_size`. Default: torchvision's weights as d2l uses them
+            (`Preprocessing.d2l`).
         batch_size: images per forward pass.
         stage: what to cache, a name from `stage_names(model)`.
         num_threads: image decoding threads; default: CPU count.
@@ -407,9 +463,8 @@ def embed_dataset(
     samples = _samples(folder_or_samples)
     if not samples:
         raise ConfigError("no images to embed")
-    if resize_size is None:
-        side = round(image_size * 256 / 224)
-        resize_size = (side, side)
+    view = _embedding_view(preprocessing, image_size, resize_size)
+    resize_size = view.resize_size
     resize = [int(resize_size)] if isinstance(resize_size, int) else [int(s) for s in resize_size]
     paths = [p for p, _ in samples]
     files = _file_list(paths)
@@ -420,7 +475,7 @@ def embed_dataset(
         "arch": arch,
         "stage": key_stage,
         "weights": w_hash,
-        "transform": {"resize": resize, "crop": int(image_size), "normalize": "imagenet"},
+        "transform": _transform_key(view, resize),
         "files": files,
     }
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
@@ -437,8 +492,9 @@ def embed_dataset(
 
     workers = num_threads or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        batches = _eval_images(canonical, resize_size, image_size, batch_size, pool)
-        feats = extract(model, variables, batches, stages=key_stage)[key_stage]
+        batches = _eval_pixels(canonical, view, batch_size, pool)
+        feats = extract(model, variables, batches, stages=key_stage, mean=view.mean, std=view.std)
+        feats = feats[key_stage]
     _write_cache(path, key, feats, spec)
     return feats[rows], labels
 

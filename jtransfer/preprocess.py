@@ -28,7 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from jtransfer.data import IMAGENET_MEAN, IMAGENET_STD, Size, eval_transform, train_transform
+from jtransfer.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Size,
+    eval_pixels,
+    eval_transform,
+    train_transform,
+)
 from jtransfer.errors import ConfigError
 
 __all__ = ["INTERPOLATIONS", "Preprocessing"]
@@ -136,6 +143,12 @@ class Preprocessing:
     def eval(self, img: Any) -> np.ndarray:
         """The evaluation view of a PIL image: float32 ``(crop, crop, 3)``."""
         return eval_transform(img, crop_size=self.crop_size, **self.loader_kwargs(train=False))
+
+    def eval_pixels(self, img: Any) -> np.ndarray:
+        """`eval` before ToTensor and Normalize: uint8 ``(crop, crop, 3)`` pixels, which
+        `jtransfer.train.normalize_images(pixels, self.mean, self.std)` turns into `eval`'s
+        bits on the device."""
+        return eval_pixels(img, self.resize_size, self.crop_size, self.interpolation)
 
     def train(self, img: Any, rng: np.random.Generator) -> np.ndarray:
         """A random training view (`jtransfer.data.train_transform`) of a PIL image."""

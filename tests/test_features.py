@@ -179,6 +179,45 @@ def test_the_second_embedding_comes_from_the_cache_without_running_the_model(
     np.testing.assert_allclose(from_loader, x, rtol=1e-5, atol=1e-4)
 
 
+def test_embeddings_use_the_weights_view_normalised_on_the_device(folders, tmp_path):
+    """A timm view (bicubic, crop_pct, its own mean and std) drives the embedding: the features
+    are those of the host's float32 view, and the view is part of the cache key."""
+    from jtransfer.preprocess import Preprocessing
+
+    model, variables = model_and_variables()
+    samples = folders[1].samples[:16]
+    view = Preprocessing.from_pretrained_cfg(
+        {
+            "interpolation": "bicubic",
+            "crop_pct": 0.9,
+            "input_size": [3, SIZE, SIZE],
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.5, 0.25, 0.5],
+        }
+    )
+    kwargs = dict(arch="resnet18", batch_size=16, cache_dir=tmp_path)
+    x, _ = features.embed_dataset(model, variables, samples, preprocessing=view, **kwargs)
+    host = np.stack([view.eval(data.load_image(path)) for path, _ in samples])
+    assert host.dtype == np.float32 and host.shape == (16, SIZE, SIZE, 3)
+    expected = features.extract(model, variables, host)["prelogits"]
+    np.testing.assert_allclose(x, expected, rtol=1e-6, atol=1e-6)
+    # The d2l view of the same images is another embedding, in another cache file.
+    d2l, _ = features.embed_dataset(model, variables, samples, image_size=SIZE, **kwargs)
+    assert len(list(tmp_path.glob("*.npz"))) == 2 and not np.allclose(d2l, x)
+    # image_size rescales the view as with_crop_size does: resize floor(24 / 0.9) = 26.
+    small, _ = features.embed_dataset(
+        model, variables, samples[:4], preprocessing=view, image_size=24, **kwargs
+    )
+    small_view = view.with_crop_size(24)
+    assert small_view.resize_size == 26
+    host = np.stack([small_view.eval(data.load_image(path)) for path, _ in samples[:4]])
+    np.testing.assert_allclose(
+        small, features.extract(model, variables, host)["prelogits"], rtol=1e-6, atol=1e-6
+    )
+    with pytest.raises(ConfigError, match="Preprocessing"):
+        features.embed_dataset(model, variables, samples, preprocessing={"mean": 0}, **kwargs)
+
+
 def test_changed_images_or_weights_miss_the_cache(folders, tmp_path, monkeypatch):
     model, variables = model_and_variables()
     samples = folders[1].samples[:6]

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 import jtransfer.nnx as jnnx
-from jtransfer import data
+from jtransfer import data, train
 from jtransfer.errors import ConfigError, PortingError
 from jtransfer.preprocess import Preprocessing
 
@@ -197,6 +197,11 @@ def test_eval_view_equals_timms(jpegs, interpolation, crop_pct):
         got = view.eval(img)
         assert got.shape == want.shape == (64, 64, 3)
         assert np.abs(got - want).max() <= 1e-6
+        # The uint8 view (what predict and embed_dataset send) normalises to the same bits.
+        pixels = view.eval_pixels(img)
+        assert pixels.dtype == np.uint8
+        on_device = np.asarray(train.normalize_images(pixels[None], view.mean, view.std))[0]
+        assert np.array_equal(on_device, got)
 
 
 def test_eval_view_of_real_timm_configs(jpegs):
