@@ -29,6 +29,7 @@ import os
 import shutil
 import tempfile
 
+import memory_lock
 import pytest
 
 from jtransfer import compile_cache
@@ -53,6 +54,9 @@ def pytest_configure(config):
         # The controller (or a run without xdist): workers inherit the environment.
         os.environ[compile_cache.ENV] = tempfile.mkdtemp(prefix="jtransfer-test-xla-")
         os.environ[_CREATED] = "1"
+    if not hasattr(config, "workerinput"):
+        # The lock files of memory_lock.one_at_a_time, shared by the workers.
+        os.environ[memory_lock.ENV] = tempfile.mkdtemp(prefix="jtransfer-test-locks-")
     compile_cache.enable()
 
 
@@ -65,6 +69,8 @@ def pytest_collection_modifyitems(config, items):
 def pytest_unconfigure(config):
     if not hasattr(config, "workerinput") and os.environ.pop(_CREATED, None):
         shutil.rmtree(os.environ.pop(compile_cache.ENV), ignore_errors=True)
+    if not hasattr(config, "workerinput") and memory_lock.ENV in os.environ:
+        shutil.rmtree(os.environ.pop(memory_lock.ENV), ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -19,6 +19,7 @@ import grain
 import jax
 import numpy as np
 import pytest
+from memory_lock import one_at_a_time
 
 from jtransfer import _lockfile, checkpoint, data, distributed
 from jtransfer.errors import ConfigError
@@ -162,9 +163,10 @@ def reference(dataset, tmp_path_factory) -> Reference:
     common = ["--data", dataset, *ARGS]
     logs = [tmp / "one.log", tmp / "p0.log", tmp / "p1.log"]
     # All three at once: the single-process run and the two processes of the other.
-    procs = [_start([*common, "--out", tmp / "one"], _env(2), logs[0])]
-    procs += _start_two([*common, "--out", tmp / "two"], logs[1:])
-    _wait_all(procs, logs)
+    with one_at_a_time():  # three processes at once: never beside another memory-heavy test
+        procs = [_start([*common, "--out", tmp / "one"], _env(2), logs[0])]
+        procs += _start_two([*common, "--out", tmp / "two"], logs[1:])
+        _wait_all(procs, logs)
     return Reference(_params(tmp / "one"), _params(tmp / "two"), _final_state(tmp / "two"), logs)
 
 
@@ -193,6 +195,11 @@ def _half_written_copy(out: Path, step: int) -> Path:
 def test_a_killed_two_process_run_resumes_where_it_stopped_and_ends_identically(
     dataset, reference, tmp_path
 ):
+    with one_at_a_time():  # missed heartbeats under memory pressure would read as a hang
+        _kill_and_resume(dataset, reference, tmp_path)
+
+
+def _kill_and_resume(dataset, reference, tmp_path) -> None:
     out = tmp_path / "run"
     argv = ["--data", dataset, *ARGS, "--out", out]
 

@@ -22,6 +22,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from memory_lock import one_at_a_time
 
 from porting import training as T
 
@@ -58,33 +59,59 @@ def worst(report: dict, quantity: str, first_steps: int | None = None) -> float:
     return max(step[quantity] for step in report["steps"][:first_steps])
 
 
-# Both convolution paths: jtransfer's CPU forms ("auto") run every scenario; XLA's own
+# The recipes whose BatchNorm trains, the ones float32 cannot check past the first step
+# (test_training_parity explains). The frozen-backbone recipes (BatchNorm in eval mode) meet
+# the ten-step targets in float32 on both convolution paths (test_training_parity), so here
+# they would repeat that at twice the suite time; `python -m porting.training --float64`
+# runs them too (docs/parity.md).
+AUTO_SCENARIOS = ("d2l", "per_layer", "vgg_bn_features")
+# Both convolution paths: jtransfer's CPU forms ("auto") run those three; XLA's own
 # convolutions with XLA's autodiff ("xla", the path of every GPU and TPU) run one ResNet and
-# one VGG-BN scenario whose every layer trains with train-mode BatchNorm: the other three
-# differ from these in the recipe (per-layer rates, frozen prefixes), which does not depend on
-# how a convolution is computed. (They pass on "xla" too: `JTRANSFER_CONV=xla python -m
+# one VGG-BN scenario whose every layer trains with train-mode BatchNorm: per_layer differs
+# from d2l in the recipe (per-layer rates, a frozen prefix), which does not depend on how a
+# convolution is computed. (It passes on "xla" too: `JTRANSFER_CONV=xla python -m
 # porting.training --float64`.) One process per path: imports and start-up are paid once.
 XLA_SCENARIOS = ("d2l", "vgg_bn_features")
-CASES = [("auto", name) for name in T.SCENARIOS] + [("xla", name) for name in XLA_SCENARIOS]
+CASES = [("auto", name) for name in AUTO_SCENARIOS] + [("xla", name) for name in XLA_SCENARIOS]
+
+
+# About 9 GiB at its peak (VGG-11-BN's 103M-parameter classifier_0 in float64, on both
+# sides): it runs in its own process, never beside the other memory-heavy tests.
+MEMORY_HEAVY = ("vgg_bn_features",)
 
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
-    runs = {}
+    runs: dict[str, dict | BaseException] = {}
+
+    def run(path: str, names: tuple[str, ...]) -> dict[str, dict]:
+        env = {"JTRANSFER_CONV": "xla"} if path == "xla" else {}
+        tmp = tmp_path_factory.mktemp(f"float64_{path}")
+        out: dict[str, dict] = {}
+        light = [n for n in names if n not in MEMORY_HEAVY]
+        if light:
+            out.update({r["scenario"]: r for r in run_float64(tmp, "--scenarios", *light, **env)})
+        for name in (n for n in names if n in MEMORY_HEAVY):
+            with one_at_a_time():
+                out.update({r["scenario"]: r for r in run_float64(tmp, "--scenarios", name, **env)})
+        return out
 
     def get(path: str) -> dict[str, dict]:
         if path not in runs:
-            env = {"JTRANSFER_CONV": "xla"} if path == "xla" else {}
-            names = list(T.SCENARIOS) if path == "auto" else XLA_SCENARIOS
-            tmp = tmp_path_factory.mktemp(f"float64_{path}")
-            runs[path] = {r["scenario"]: r for r in run_float64(tmp, "--scenarios", *names, **env)}
+            try:
+                runs[path] = run(path, AUTO_SCENARIOS if path == "auto" else XLA_SCENARIOS)
+            except BaseException as e:  # one failed run fails each of its tests, once
+                runs[path] = e
+                raise
+        if isinstance(runs[path], BaseException):
+            raise runs[path]
         return runs[path]
 
     return get
 
 
 @pytest.mark.parametrize("conv_path,name", CASES)
-def test_every_recipe_matches_torch_in_float64_for_all_its_steps(reports, conv_path, name):
+def test_batchnorm_recipes_match_torch_in_float64_at_every_step(reports, conv_path, name):
     report = reports(conv_path)[name]
     assert report["precision"] == "float64"
     assert len(report["steps"]) == T.SCENARIOS[name].steps

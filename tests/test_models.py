@@ -10,6 +10,10 @@ import pytest
 
 import jtransfer as jt
 
+# Initialisation trees and values, not convolution numerics: XLA's own convolutions, which
+# compile much faster (tests/conftest.py).
+XLA_CONVOLUTIONS = True
+
 
 @pytest.mark.parametrize("arch", ["resnet18", "vgg11_bn"])
 def test_random_variables_have_init_tree_and_torchvision_like_values(arch):
@@ -37,7 +41,8 @@ def test_random_variables_have_init_tree_and_torchvision_like_values(arch):
     )
     assert not np.array_equal(jax.tree.leaves(variables)[0], jax.tree.leaves(other)[0])
     # The variables run: finite logits of the right shape.
-    logits = model.apply(variables, np.ones((2, 32, 32, 3), np.float32), train=False)
+    apply = jax.jit(model.apply, static_argnames="train")  # op by op, VGG takes ~10 s
+    logits = apply(variables, np.ones((2, 32, 32, 3), np.float32), train=False)
     assert logits.shape == (2, 3) and np.isfinite(logits).all()
 
 

@@ -21,6 +21,10 @@ cost minutes of the suite's CPU time; they run on jtransfer's CPU convolutions o
 statistics on the Winograd path were 1.7x torch's own distance from float64
 (1.7e-4 vs 9.8e-5; XLA's convolutions 1.1e-4), at 97 px 1.2x.
 
+ResNet-101/152 and VGG-11/16/19 (with and without BatchNorm) run the same way
+(`LAYERS_WITHIN`): each of their layer shapes is one of ResNet-50's or VGG-13's, which
+run at 224 px on both paths.
+
 Both convolution paths run: jtransfer's CPU forms and XLA's own (`conv_path`), the
 one every GPU and TPU uses. XLA's path evaluates at 64 px: what differs between the
 paths is how each convolution is computed, which any size exercises, while the
@@ -34,6 +38,8 @@ from __future__ import annotations
 
 import copy
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 import jtransfer as jt
@@ -52,6 +58,24 @@ def _grouped_or_wide(arch: str) -> bool:
 
 
 SMALL_INPUT = tuple(a for a in jt.models.ARCHS if _grouped_or_wide(a))
+
+# Members of a family whose every layer shape (kernel, and so the stage and map size it
+# runs at) is also in the architecture named here, which runs at 224 px on both convolution
+# paths: ResNet-101/152 are ResNet-50 with more blocks, VGG-11/16/19 use VGG-13's convolution
+# shapes. They run as SMALL_INPUT does (64 px eval, CPU forms only); at 224 px and on XLA's
+# path they cost the suite about 5 minutes of CPU time, and `python -m porting.parity`
+# measures them there for docs/parity.md.
+LAYERS_WITHIN = {
+    "resnet101": "resnet50",
+    "resnet152": "resnet50",
+    "vgg11": "vgg13",
+    "vgg16": "vgg13",
+    "vgg19": "vgg13",
+    "vgg11_bn": "vgg13_bn",
+    "vgg16_bn": "vgg13_bn",
+    "vgg19_bn": "vgg13_bn",
+}
+SMALL_INPUT += tuple(LAYERS_WITHIN)
 
 
 # The convolutions: "auto" is jtransfer's CPU forms (Winograd, per-tap products);
@@ -117,8 +141,21 @@ def test_train_mode_logits_and_running_stats_match_torchvision(arch, conv_path, 
     assert r.train_within_target(TARGET), r
 
 
+def test_the_archs_checked_at_64_px_only_have_layer_shapes_checked_at_224_px():
+    def layer_shapes(arch: str) -> set:
+        model = jt.models.create(arch)
+        x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+        shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
+        return {leaf.shape for leaf in jax.tree.leaves(shapes)}
+
+    for small, base in LAYERS_WITHIN.items():
+        assert base not in SMALL_INPUT
+        assert layer_shapes(small) <= layer_shapes(base), small
+        assert jt.models.family(small) is jt.models.family(base)
+
+
 def test_grouped_and_wide_archs_are_the_five_torchvision_ones():
-    assert set(SMALL_INPUT) == {
+    assert set(SMALL_INPUT) - set(LAYERS_WITHIN) == {
         "resnext50_32x4d",
         "resnext101_32x8d",
         "resnext101_64x4d",
