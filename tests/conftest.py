@@ -19,6 +19,12 @@ training-parity, float64 recipe (not its wrong-recipe checks), model, convolutio
 Winograd and hot-dog end-to-end tests. With this, the order below and
 test_parity's two sizes the suite runs in well under CI's time on 2 cores.
 
+Memory: glibc keeps the heap of a long-lived worker at its high-water mark (6-8 GiB
+after the parity modules) unless told to give freed memory back. The controller sets
+glibc's thresholds in the environment, which the workers and every subprocess they start
+inherit (`_MALLOC_ENV`), and each module ends with a `malloc_trim`. See docs/reliability.md
+("The test suite's memory").
+
 Order: the longest files are collected first, so that `-n 2 --dist loadfile`
 hands them out first and the short ones fill in around them (`_FIRST`).
 """
@@ -48,8 +54,17 @@ _FIRST = (
     "test_hotdog.py",
 )
 
+# Blocks of 256 KiB and more are mmap'ed (returned to the kernel when freed) instead of
+# the default threshold that grows to 32 MiB; a free heap top over 256 KiB is trimmed.
+# setdefault: a value the user set before pytest starts wins.
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "262144", "MALLOC_TRIM_THRESHOLD_": "262144"}
+
 
 def pytest_configure(config):
+    if not hasattr(config, "workerinput"):
+        # Read by glibc when a process starts: the workers and their subprocesses.
+        for key, value in _MALLOC_ENV.items():
+            os.environ.setdefault(key, value)
     if not hasattr(config, "workerinput") and compile_cache.ENV not in os.environ:
         # The controller (or a run without xdist): workers inherit the environment.
         os.environ[compile_cache.ENV] = tempfile.mkdtemp(prefix="jtransfer-test-xla-")
@@ -71,6 +86,15 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ.pop(compile_cache.ENV), ignore_errors=True)
     if not hasattr(config, "workerinput") and memory_lock.ENV in os.environ:
         shutil.rmtree(os.environ.pop(memory_lock.ENV), ignore_errors=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _give_back_memory():
+    # After each module (its module-scoped models and compiled steps are gone by then):
+    # return the freed heap to the kernel, so the next module and the subprocesses that
+    # other worker starts have it.
+    yield
+    memory_lock.give_back()
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -40,6 +40,7 @@ import copy
 
 import jax
 import jax.numpy as jnp
+import memory_lock
 import pytest
 
 import jtransfer as jt
@@ -106,6 +107,7 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(scope="module")
 def ported(arch):
     # One torch model and one port per architecture serve every check.
+    memory_lock.give_back()  # the previous architecture's, freed by now
     net = parity.torch_model(arch)
     variables = porting.from_torchvision(net.state_dict(), arch)
     sd = {k: v.clone() for k, v in net.state_dict().items()}
