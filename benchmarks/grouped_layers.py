@@ -1,10 +1,10 @@
-"""Grouped 3x3 convolutions on the CPU: jtransfer's two forward forms and torch's, per layer.
+"""Grouped 3x3 convolutions on the CPU: jtransfer's forward forms, XLA's and torch's, per layer.
 
 For ResNeXt-like layers (32 or 64 groups of 4, 8 or 16 channels, maps 56 to 14, stride 1
-and 2) it times, in one process, the forward of `jtransfer.models.conv.grouped_conv2d` run
-as the elementwise sum over taps (`_grouped_taps`) and as XLA's grouped convolution (one
-per image on large maps), and torch's ``F.conv2d(groups=G)``: milliseconds, min over reps.
-The fastest jtransfer form per row is what `_TAPS_MAX_GROUP_CHANNELS` chooses
+and 2) it times, in one process, the forward forms of `jtransfer.models.conv.grouped_conv2d`:
+the elementwise sum over taps (`_grouped_taps`) and one XLA convolution per group
+(`_per_group`), beside XLA's own grouped convolution and torch's ``F.conv2d(groups=G)``:
+milliseconds, min over reps. `_TAPS_MAX_GROUP_CHANNELS` picks between jtransfer's two
 (docs/performance.md, "Grouped convolutions").
 
 Usage::
@@ -45,13 +45,19 @@ def best_ms(fn, *args, reps: int) -> float:
 
 
 def xla_form(x, kernel, stride: int, groups: int):
-    """`grouped_conv2d` with the elementwise form switched off: XLA's grouped forward."""
-    saved = conv._TAPS_MAX_GROUP_CHANNELS
-    conv._TAPS_MAX_GROUP_CHANNELS = 0
-    try:
-        return conv.grouped_conv2d(x, kernel, (stride, stride), PAD, groups)
-    finally:
-        conv._TAPS_MAX_GROUP_CHANNELS = saved
+    """XLA's own grouped convolution."""
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (stride, stride),
+        PAD,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
+
+
+def per_group_form(x, kernel, stride: int, groups: int):
+    return conv._per_group(x, kernel, (stride, stride), PAD, groups, None)
 
 
 def taps_form(x, kernel, stride: int, groups: int):
@@ -73,9 +79,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     print(f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
     print(
-        "| groups | map | channels (per group) | stride | taps ms | XLA ms | torch ms | rel err |"
+        "| groups | map | channels (per group) | stride | taps ms | per group ms | XLA grouped ms "
+        "| torch ms | rel err |"
     )
-    print("|---:|---:|---|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     rng = np.random.default_rng(0)
     rows = []
     for groups in args.groups:
@@ -87,11 +94,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     k = rng.standard_normal((3, 3, width, channels), np.float32)
                     xj, kj = jnp.asarray(x), jnp.asarray(k)
                     taps = jax.jit(taps_form, static_argnums=(2, 3))
+                    per_group = jax.jit(per_group_form, static_argnums=(2, 3))
                     xla = jax.jit(xla_form, static_argnums=(2, 3))
                     ref = xla(xj, kj, stride, groups)
-                    err = float(jnp.abs(taps(xj, kj, stride, groups) - ref).max())
+                    err = max(
+                        float(jnp.abs(f(xj, kj, stride, groups) - ref).max())
+                        for f in (taps, per_group)
+                    )
                     err /= float(jnp.abs(ref).max())
                     t_taps = best_ms(taps, xj, kj, stride, groups, reps=args.reps)
+                    t_per_group = best_ms(per_group, xj, kj, stride, groups, reps=args.reps)
                     t_xla = best_ms(xla, xj, kj, stride, groups, reps=args.reps)
                     tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
                     tk = torch.from_numpy(k).permute(3, 2, 0, 1).contiguous()
@@ -109,6 +121,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             width=width,
                             stride=stride,
                             taps_ms=t_taps,
+                            per_group_ms=t_per_group,
                             xla_ms=t_xla,
                             torch_ms=t_torch,
                             rel_err=err,
@@ -116,7 +129,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     )
                     print(
                         f"| {groups} | {size} | {channels} ({width}) | {stride} | {t_taps:.1f} "
-                        f"| {t_xla:.1f} | {t_torch:.1f} | {err:.0e} |",
+                        f"| {t_per_group:.1f} | {t_xla:.1f} | {t_torch:.1f} | {err:.0e} |",
                         flush=True,
                     )
     return rows

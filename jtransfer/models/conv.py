@@ -38,15 +38,16 @@ float32 or wider whatever the compute dtype).
 Grouped convolutions (ResNeXt's 3x3 layers: 32 or 64 groups of 4 to 64
 channels) with at most 8 input channels per group run forward as one elementwise
 sum over taps and in-group channels (`_grouped_taps`); XLA:CPU's grouped
-convolution is several times slower there. Wider groups run XLA's grouped
-convolution (on large maps one per image, faster on XLA:CPU). XLA:CPU's autodiff
-of a grouped convolution is unusable: its kernel and input gradients ran 30-100x
-slower than torch's on ResNeXt-50's layers (docs/performance.md). Their
-backward pass (`grouped_conv2d`) is the gradient of the same convolution
-written as im2col: the k*k taps gathered into (positions, groups, k*k*Cin/G) and
-one matrix product batched over groups, except that a narrow stride-1 layer's
-input gradient is the flipped convolution run by `_grouped_taps`; sums
-reordered, rounding only. Grouped layers never use Winograd (the per-group
+convolution is several times slower there. Wider groups run as one ordinary
+XLA convolution per group (`_per_group`), which XLA:CPU runs several times faster
+than its grouped convolution. XLA:CPU's autodiff of a grouped convolution is
+unusable: its kernel and input gradients ran 30-100x slower than torch's on
+ResNeXt-50's layers (docs/performance.md). The backward pass (`grouped_conv2d`) of
+a wide stride-1 layer is XLA's gradient of `_per_group`; of the others, the
+gradient of the same convolution written as im2col: the k*k taps gathered into
+(positions, groups, k*k*Cin/G) and one matrix product batched over groups, except
+that a narrow stride-1 layer's input gradient is the flipped convolution run by
+`_grouped_taps`; sums reordered, rounding only. Grouped layers never use Winograd (the per-group
 products are too thin).
 
 Configurations other than 2-D NHWC / HWIO without dilation fall back to
@@ -413,9 +414,10 @@ def grouped_conv2d(x: Array, kernel: Array, strides, padding, groups: int, preci
     """NHWC x HWIO convolution with `groups` feature groups (no dilation).
 
     Forward: `_grouped_taps` for at most `_TAPS_MAX_GROUP_CHANNELS` input channels
-    per group, else XLA's grouped convolution. Backward: the gradients of the same
-    convolution written as im2col (`_grouped_im2col`), matrix products batched over
-    groups (the input gradient of a narrow stride-1 layer by `_grouped_taps`);
+    per group, else one XLA convolution per group (`_per_group`). Backward: wide
+    stride-1 layers, XLA's gradients of `_per_group`; the others, the gradients of the
+    same convolution written as im2col (`_grouped_im2col`), matrix products batched
+    over groups (the input gradient of a narrow stride-1 layer by `_grouped_taps`);
     XLA:CPU's own autodiff of a grouped convolution is many times slower (see the
     module docstring).
 
@@ -432,33 +434,34 @@ def grouped_conv2d(x: Array, kernel: Array, strides, padding, groups: int, preci
         up to rounding.
     """
 
-    def conv(part: Array) -> Array:
-        return lax.conv_general_dilated(
-            part,
-            kernel,
-            strides,
-            padding,
-            dimension_numbers=_NHWC,
-            feature_group_count=groups,
-            precision=precision,
-        )
-
-    n, h, w, _ = x.shape
     if kernel.shape[2] <= _TAPS_MAX_GROUP_CHANNELS:
         return _grouped_taps(x, kernel, strides, padding, groups)
-    # XLA:CPU's grouped convolution ran ResNeXt-50's large-map layers (28x28 and
-    # up at 112 px) 1.5-2.5x faster as one convolution per image than over the
-    # whole batch (docs/performance.md); small maps gain nothing, and more than
-    # `_GROUPED_MAX_PARTS` parts would only grow the program.
-    parts = min(n, _GROUPED_MAX_PARTS) if h * w >= _GROUPED_SPLIT_MIN_POSITIONS else 1
-    if parts < 2:
-        return conv(x)
-    bounds = [n * i // parts for i in range(parts + 1)]
-    return jnp.concatenate([conv(x[a:b]) for a, b in itertools.pairwise(bounds)], axis=0)
+    return _per_group(x, kernel, strides, padding, groups, precision)
 
 
-_GROUPED_MAX_PARTS = 16
-_GROUPED_SPLIT_MIN_POSITIONS = 28 * 28
+def _per_group(x: Array, kernel: Array, strides, padding, groups: int, precision) -> Array:
+    """The grouped convolution as `groups` ordinary convolutions, one per group, concatenated.
+
+    For wide groups (16 and more channels each) XLA:CPU runs these dense convolutions
+    2-9x faster than its own grouped convolution, forward and (stride 1) backward
+    (docs/performance.md, "Grouped convolutions").
+    """
+    cin_g, cout_g = kernel.shape[2], kernel.shape[3] // groups
+    return jnp.concatenate(
+        [
+            lax.conv_general_dilated(
+                x[..., g * cin_g : (g + 1) * cin_g],
+                kernel[..., g * cout_g : (g + 1) * cout_g],
+                strides,
+                padding,
+                dimension_numbers=_NHWC,
+                precision=precision,
+            )
+            for g in range(groups)
+        ],
+        axis=-1,
+    )
+
 
 # Grouped layers with at most this many input channels per group run by
 # `_grouped_taps`, 1.5-10x faster than XLA:CPU's grouped convolution at every map size
@@ -514,6 +517,14 @@ def _grouped_bwd(strides, padding, groups, precision, residuals, g):
     x, kernel = residuals
     g = g.astype(x.dtype)
     kh, kw, cin_g, cout = kernel.shape
+    if strides == (1, 1) and cin_g > _TAPS_MAX_GROUP_CHANNELS:
+        # Wide groups: one convolution per group differentiated by XLA, 1.0-2.7x faster
+        # than im2col's gradients at stride 1 (at stride 2 about even).
+        _, vjp = jax.vjp(
+            lambda x, k: _per_group(x, k, strides, padding, groups, precision), x, kernel
+        )
+        dx, dk = vjp(g)
+        return dx.astype(x.dtype), dk.astype(kernel.dtype)
     if strides != (1, 1) or cout // groups > _TAPS_MAX_GROUP_CHANNELS:
         _, vjp = jax.vjp(
             lambda x, k: _grouped_im2col(x, k, strides, padding, groups, precision), x, kernel
