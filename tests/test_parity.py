@@ -21,8 +21,8 @@ cost minutes of the suite's CPU time; they run on jtransfer's CPU convolutions o
 statistics on the Winograd path were 1.7x torch's own distance from float64
 (1.7e-4 vs 9.8e-5; XLA's convolutions 1.1e-4), at 97 px 1.2x.
 
-ResNet-101/152 and VGG-11/16/19 (with and without BatchNorm) run the same way
-(`LAYERS_WITHIN`): each of their layer shapes is one of ResNet-50's or VGG-13's, which
+ResNet-34/101/152 and VGG-11/16/19 (with and without BatchNorm) run the same way
+(`LAYERS_WITHIN`): each of their layer shapes is one of ResNet-18's, -50's or VGG-13's, which
 run at 224 px on both paths.
 
 Both convolution paths run: jtransfer's CPU forms and XLA's own (`conv_path`), the
@@ -62,11 +62,12 @@ SMALL_INPUT = tuple(a for a in jt.models.ARCHS if _grouped_or_wide(a))
 
 # Members of a family whose every layer shape (kernel, and so the stage and map size it
 # runs at) is also in the architecture named here, which runs at 224 px on both convolution
-# paths: ResNet-101/152 are ResNet-50 with more blocks, VGG-11/16/19 use VGG-13's convolution
-# shapes. They run as SMALL_INPUT does (64 px eval, CPU forms only); at 224 px and on XLA's
+# paths: ResNet-34 is ResNet-18 with more blocks, ResNet-101/152 are ResNet-50 with more
+# blocks, VGG-11/16/19 use VGG-13's convolution shapes. They run as SMALL_INPUT does (64 px eval, CPU forms only); at 224 px and on XLA's
 # path they cost the suite about 5 minutes of CPU time, and `python -m porting.parity`
 # measures them there for docs/parity.md.
 LAYERS_WITHIN = {
+    "resnet34": "resnet18",
     "resnet101": "resnet50",
     "resnet152": "resnet50",
     "vgg11": "vgg13",

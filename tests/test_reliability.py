@@ -58,6 +58,10 @@ torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 import porting  # noqa: E402
 
+# Error handling, not convolution numerics: XLA's own convolutions, which compile much
+# faster (tests/conftest.py).
+XLA_CONVOLUTIONS = True
+
 # tensorstore may leave an asyncio callback behind when reading a damaged file fails.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
