@@ -63,9 +63,9 @@ SMALL_INPUT = tuple(a for a in jt.models.ARCHS if _grouped_or_wide(a))
 # Members of a family whose every layer shape (kernel, and so the stage and map size it
 # runs at) is also in the architecture named here, which runs at 224 px on both convolution
 # paths: ResNet-34 is ResNet-18 with more blocks, ResNet-101/152 are ResNet-50 with more
-# blocks, VGG-11/16/19 use VGG-13's convolution shapes. They run as SMALL_INPUT does (64 px eval, CPU forms only); at 224 px and on XLA's
-# path they cost the suite about 5 minutes of CPU time, and `python -m porting.parity`
-# measures them there for docs/parity.md.
+# blocks, VGG-11/16/19 use VGG-13's convolution shapes. They run as SMALL_INPUT does (64 px
+# eval, CPU forms only); at 224 px and on XLA's path they cost the suite about 6 minutes of
+# CPU time, and `python -m porting.parity` measures them there for docs/parity.md.
 LAYERS_WITHIN = {
     "resnet34": "resnet18",
     "resnet101": "resnet50",
