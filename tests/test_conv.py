@@ -64,9 +64,12 @@ def test_forward_and_gradients_match_xla(size, cin, cout, k, stride, pad):
 
 # (size, channels, groups, stride, padding): ResNeXt's grouped 3x3 layers, stride 1 and 2
 # over odd sizes. Up to 8 input channels per group run as an elementwise sum over taps
-# (forward, and the input gradient at stride 1); wider groups run one XLA convolution per
-# group (forward, and both gradients at stride 1).
+# (forward, and the input gradient at stride 1) with both gradients otherwise by dense
+# products over blocks of whole groups (3 or 6 groups: blocks of 1, 3 and 6); wider groups
+# run one XLA convolution per group (forward, and both gradients at stride 1).
 GROUPED = [
+    (12, 24, 6, 2, ((0, 1), (1, 0))),
+    (8, 12, 6, 1, ((1, 1), (1, 1))),
     (9, 32, 8, 1, ((1, 1), (1, 1))),
     (11, 64, 32, 2, ((1, 1), (1, 1))),
     (57, 16, 4, 2, ((1, 1), (1, 1))),
@@ -78,11 +81,28 @@ GROUPED = [
 ]
 
 
+# Not ResNeXt's: more output than input channels per group (4 -> 16 and 8 -> 16), whose
+# input gradient at stride 1 too is by blocks.
+GROUPED_WIDENING = [
+    (9, 32, 128, 8, 1, ((1, 1), (1, 1))),
+    (11, 24, 48, 3, 2, ((1, 1), (1, 1))),
+]
+
+
 @pytest.mark.parametrize(("size", "channels", "groups", "stride", "pad"), GROUPED)
 def test_grouped_convolution_matches_xlas_both_ways(size, channels, groups, stride, pad):
+    _check_grouped(size, channels, channels, groups, stride, pad)
+
+
+@pytest.mark.parametrize(("size", "cin", "cout", "groups", "stride", "pad"), GROUPED_WIDENING)
+def test_widening_grouped_convolution_matches_xlas_both_ways(size, cin, cout, groups, stride, pad):
+    _check_grouped(size, cin, cout, groups, stride, pad)
+
+
+def _check_grouped(size, cin, cout, groups, stride, pad):
     rng = np.random.RandomState(size * 100 + groups)
-    x = jnp.asarray(rng.randn(2, size, size, channels), jnp.float32)
-    w = jnp.asarray(rng.randn(3, 3, channels // groups, channels), jnp.float32)
+    x = jnp.asarray(rng.randn(2, size, size, cin), jnp.float32)
+    w = jnp.asarray(rng.randn(3, 3, cin // groups, cout), jnp.float32)
     kw = dict(dimension_numbers=NHWC, feature_group_count=groups)
 
     def ref(a, b):

@@ -43,12 +43,15 @@ XLA convolution per group (`_per_group`), which XLA:CPU runs several times faste
 than its grouped convolution. XLA:CPU's autodiff of a grouped convolution is
 unusable: its kernel and input gradients ran 30-100x slower than torch's on
 ResNeXt-50's layers (docs/performance.md). The backward pass (`grouped_conv2d`) of
-a wide stride-1 layer is XLA's gradient of `_per_group`; of the others, the
+a wide stride-1 layer is XLA's gradient of `_per_group`; of a wide stride-2 layer, the
 gradient of the same convolution written as im2col: the k*k taps gathered into
-(positions, groups, k*k*Cin/G) and one matrix product batched over groups, except
-that a narrow stride-1 layer's input gradient is the flipped convolution run by
-`_grouped_taps`; sums reordered, rounding only. Grouped layers never use Winograd (the per-group
-products are too thin).
+(positions, groups, k*k*Cin/G) and one matrix product batched over groups. A narrow
+layer's kernel gradient is per tap one dense product per block of whole groups
+(16 input channels), of which the groups' own diagonal blocks are kept
+(`_grouped_kernel_grad`); its input gradient is the flipped convolution run by
+`_grouped_taps` at stride 1, else dense products through block-diagonal kernels
+(`_grouped_input_grad`). Sums reordered, rounding only. Grouped layers never use
+Winograd (the per-group products are too thin).
 
 Configurations other than 2-D NHWC / HWIO without dilation fall back to
 `lax.conv_general_dilated`.
@@ -415,11 +418,12 @@ def grouped_conv2d(x: Array, kernel: Array, strides, padding, groups: int, preci
 
     Forward: `_grouped_taps` for at most `_TAPS_MAX_GROUP_CHANNELS` input channels
     per group, else one XLA convolution per group (`_per_group`). Backward: wide
-    stride-1 layers, XLA's gradients of `_per_group`; the others, the gradients of the
-    same convolution written as im2col (`_grouped_im2col`), matrix products batched
-    over groups (the input gradient of a narrow stride-1 layer by `_grouped_taps`);
-    XLA:CPU's own autodiff of a grouped convolution is many times slower (see the
-    module docstring).
+    stride-1 layers, XLA's gradients of `_per_group`; wide stride-2 layers, the
+    gradients of the same convolution written as im2col (`_grouped_im2col`), matrix
+    products batched over groups; narrow layers, dense products over blocks of whole
+    groups (`_grouped_kernel_grad`, `_grouped_input_grad`), the input gradient at
+    stride 1 by `_grouped_taps`. XLA:CPU's own autodiff of a grouped convolution is
+    many times slower (see the module docstring).
 
     Args:
         x: (N, H, W, Cin).
@@ -525,11 +529,15 @@ def _grouped_bwd(strides, padding, groups, precision, residuals, g):
         )
         dx, dk = vjp(g)
         return dx.astype(x.dtype), dk.astype(kernel.dtype)
-    if strides != (1, 1) or cout // groups > _TAPS_MAX_GROUP_CHANNELS:
+    if cin_g > _TAPS_MAX_GROUP_CHANNELS:
         _, vjp = jax.vjp(
             lambda x, k: _grouped_im2col(x, k, strides, padding, groups, precision), x, kernel
         )
         dx, dk = vjp(g)
+        return dx.astype(x.dtype), dk.astype(kernel.dtype)
+    dk = _grouped_kernel_grad(x, g, kernel.shape, strides, padding, groups, precision)
+    if strides != (1, 1) or cout // groups > _TAPS_MAX_GROUP_CHANNELS:
+        dx = _grouped_input_grad(g, kernel, x.shape, strides, padding, groups, precision)
         return dx.astype(x.dtype), dk.astype(kernel.dtype)
     # Stride 1: the input gradient is the grouped convolution of dY with each group's
     # kernel flipped and transposed, run by `_grouped_taps` like the forward.
@@ -539,9 +547,88 @@ def _grouped_bwd(strides, padding, groups, precision, residuals, g):
     flipped = flipped.transpose(0, 1, 4, 3, 2).reshape(kh, kw, cout_g, groups * cin_g)
     pads = ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr))
     dx = _grouped_taps(g, flipped, (1, 1), pads, groups)
-    _, vjp = jax.vjp(lambda k: _grouped_im2col(x, k, strides, padding, groups, precision), kernel)
-    (dk,) = vjp(g)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+# The gradients of a narrow grouped layer multiply blocks of this many input channels
+# (several whole groups) as dense matrices, and keep (kernel gradient) or use (input
+# gradient, through a block-diagonal kernel) only the groups' own diagonal blocks. That
+# multiplies more than it needs, yet XLA:CPU runs these plain products several times
+# faster than im2col's products batched over groups; wider blocks and one product per
+# image measured slower (docs/performance.md, "Grouped convolutions").
+_BLOCK_CHANNELS = 16
+
+
+def _groups_per_block(groups: int, cin_g: int) -> int:
+    """The most whole groups that fit in `_BLOCK_CHANNELS` input channels (at least 1)."""
+    fits = max(_BLOCK_CHANNELS, cin_g)
+    return max(d for d in range(1, groups + 1) if groups % d == 0 and d * cin_g <= fits)
+
+
+def _grouped_kernel_grad(x, g, kernel_shape, strides, padding, groups: int, precision) -> Array:
+    """dK of a grouped convolution: per tap, (the inputs it saw)^T @ dY block by block.
+
+    A block is `per_block` whole groups; its product is dense (it also pairs the inputs of
+    one group with the outputs of another), and only the groups' own (diagonal) parts are
+    kept. Sums are float32 or wider.
+    """
+    kh, kw, cin_g, cout = kernel_shape
+    cout_g = cout // groups
+    sh, sw = strides
+    (pt, pb), (pl, pr) = padding
+    n, ho, wo, _ = g.shape
+    cin = x.shape[3]
+    per_block = _groups_per_block(groups, cin_g)
+    blocks, bin_, bout = groups // per_block, per_block * cin_g, per_block * cout_g
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+    positions = n * ho * wo
+    # Blocks first: one matrix product per tap, batched over blocks (one product per
+    # block and tap ran about as fast and compiled several times slower).
+    g3 = g.reshape(positions, blocks, bout).transpose(1, 0, 2)
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            seen = lax.slice(
+                xp,
+                (0, i, j, 0),
+                (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin),
+                (1, sh, sw, 1),
+            ).reshape(positions, blocks, bin_)
+            dense = _matmul(seen.transpose(1, 0, 2), g3, (1, 1), precision, batched=True)
+            dense = dense.reshape(blocks, per_block, cin_g, per_block, cout_g)
+            # The diagonal: group (b, k)'s inputs against its own outputs.
+            taps.append(jnp.einsum("bkiko->ibko", dense).reshape(cin_g, cout))
+    return jnp.stack(taps).reshape(kernel_shape)
+
+
+def _grouped_input_grad(g, kernel, x_shape, strides, padding, groups: int, precision) -> Array:
+    """dX of a grouped convolution: `_input_grad` of each block of `per_block` groups, with
+    the block's kernel made dense (zero between different groups), concatenated. (Batched
+    over blocks, the same products ran slower: docs/performance.md.)"""
+    kh, kw, cin_g, cout = kernel.shape
+    cout_g = cout // groups
+    per_block = _groups_per_block(groups, cin_g)
+    blocks, bin_, bout = groups // per_block, per_block * cin_g, per_block * cout_g
+    # dense[b, :, :, (k, i), (l, o)] = kernel[:, :, i, (b, k, o)] where k == l, else 0.
+    eye = jnp.eye(per_block, dtype=kernel.dtype)
+    dense = jnp.einsum(
+        "hwibko,kl->bhwkilo", kernel.reshape(kh, kw, cin_g, blocks, per_block, cout_g), eye
+    ).reshape(blocks, kh, kw, bin_, bout)
+    block_shape = (*x_shape[:3], bin_)
+    return jnp.concatenate(
+        [
+            _input_grad(
+                g[..., b * bout : (b + 1) * bout],
+                dense[b],
+                block_shape,
+                strides,
+                padding,
+                precision,
+            )
+            for b in range(blocks)
+        ],
+        axis=-1,
+    )
 
 
 grouped_conv2d.defvjp(_grouped_fwd, _grouped_bwd)
