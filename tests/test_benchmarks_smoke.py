@@ -322,3 +322,31 @@ def test_grouped_layers_times_each_form_and_they_agree(capsys):
     assert all(r[t] > 0 for r in rows for t in times)
     assert all(r["rel_err"] < 2e-6 for r in rows)  # the forms are one convolution
     assert "| 8 | 9 | 32 (4) | 2 |" in capsys.readouterr().out
+
+
+def test_grouped_backward_times_a_layer_and_its_reference_form_agrees():
+    spec = importlib.util.spec_from_file_location(
+        "jt_grouped_backward", BENCH.parent / "grouped_backward.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert all(ms > 0 for ms in module.time_layer(5, 128, 2, 1, 1))
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jtransfer.models import conv
+
+    # The A/B's "before" form computes the same gradients as the current one.
+    rng = np.random.default_rng(0)
+    for stride, shape in ((1, (2, 7, 7, 128)), (2, (2, 9, 9, 256))):
+        x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        k = jnp.asarray(rng.standard_normal((3, 3, shape[3] // 32, shape[3])), jnp.float32)
+        g = jnp.asarray(
+            rng.standard_normal((2, *((7, 7) if stride == 1 else (5, 5)), shape[3])), jnp.float32
+        )
+        args = ((stride, stride), module.PAD, 32, None, (x, k), g)
+        for ours, before in zip(
+            conv._grouped_bwd(*args), module.im2col_backward(*args), strict=True
+        ):
+            err = float(jnp.abs(ours - before).max() / jnp.abs(before).max())
+            assert err < 2e-6, err
