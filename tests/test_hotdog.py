@@ -84,6 +84,10 @@ def local_copies(tmp_path_factory):
 
 def test_local_data_and_weights_run_both_recipes(local_copies, env, tmp_path):
     out = tmp_path / "out"
+    # Which data and weights were used and how the runs are labelled, not convolution
+    # numerics (the demo below runs the default forms): XLA's own convolutions, which
+    # compile several times faster (tests/conftest.py).
+    env = {**env, "JTRANSFER_CONV": "xla"}
     lines = run_hotdog(
         [
             "--data-dir",
