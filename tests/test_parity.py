@@ -11,22 +11,22 @@ no code path to these two: running-statistics BatchNorm, pooling and padding
 are the same in both modes, and VGG's dropout is off for parity. It did add a
 third compilation per architecture, a third of this file's time.
 
-ResNeXt and Wide ResNet (grouped or wider Bottlenecks: `SMALL_INPUT`) run
+ResNeXt and Wide ResNet (grouped or wider Bottlenecks: `GROUPED_OR_WIDE`) run
 eval at 64 px: their stem, pools and strides are ResNet-50's and -101's, checked
 at 224 px; what is theirs (the grouped and wide 3x3 convolutions) any size
 exercises, and at 224 px their compilations and float64 torch forwards would
-cost minutes of the suite's CPU time; they run on jtransfer's CPU convolutions only
-(`_conv_paths`). Train mode stays at 97 px: at 65 px
-(layer4 3x3, 18 values per BatchNorm channel) Wide ResNet-101's running
-statistics on the Winograd path were 1.7x torch's own distance from float64
-(1.7e-4 vs 9.8e-5; XLA's convolutions 1.1e-4), at 97 px 1.2x.
+cost minutes of the suite's CPU time. ResNeXt-50, ResNeXt-101 32x8d and Wide
+ResNet-50 run on jtransfer's CPU convolutions only (`_conv_paths`). Train mode
+stays at 97 px: at 65 px (layer4 3x3, 18 values per BatchNorm channel) Wide
+ResNet-101's running statistics on the Winograd path were 1.7x torch's own
+distance from float64 (1.7e-4 vs 9.8e-5; XLA's convolutions 1.1e-4), at 97 px 1.2x.
 
-ResNet-34/101/152 and VGG-11/16/19 (with and without BatchNorm) run eval at 64 px
-and train mode at 97 px on XLA's convolutions only (`LAYERS_WITHIN`; VGG-19-BN on the
-CPU forms, `CPU_FORMS_ONLY`): each of their
-layer shapes is one of ResNet-18's, -50's or VGG-13's, which run at 224 px on the CPU
-forms and at 64 px on XLA's. What is theirs is depth (the deep ResNets' train mode
-amplifies rounding), which either path shows; XLA's compiles them 2-10x faster.
+ResNet-34/101/152, VGG-11/16/19 (with and without BatchNorm), Wide ResNet-101 and
+ResNeXt-101 64x4d run eval at 64 px and train mode at 97 px on XLA's convolutions
+only (`LAYERS_WITHIN`; VGG-19-BN on the CPU forms, `CPU_FORMS_ONLY`): each of
+their layers is one that ResNet-18, -50, VGG-13, Wide ResNet-50 or the other two
+ResNeXts run on the CPU forms. What is theirs is depth (the deep ResNets' train
+mode amplifies rounding), which either path shows; XLA's compiles them 2-10x faster.
 
 Both convolution paths run: jtransfer's CPU forms and XLA's own (`conv_path`), the
 one every GPU and TPU uses. XLA's path evaluates at 64 px: what differs between the
@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import memory_lock
 import pytest
+from flax import traverse_util
 
 import jtransfer as jt
 from jtransfer.models import conv
@@ -61,27 +62,32 @@ def _grouped_or_wide(arch: str) -> bool:
     return (variant.get("groups", 1), variant.get("width_per_group", 64)) != (1, 64)
 
 
-SMALL_INPUT = tuple(a for a in jt.models.ARCHS if _grouped_or_wide(a))
+GROUPED_OR_WIDE = tuple(a for a in jt.models.ARCHS if _grouped_or_wide(a))
 
-# Members of a family whose every layer shape (kernel, and so the stage and map size it
-# runs at) is also in the architecture named here, which runs at 224 px on both convolution
-# paths: ResNet-34 is ResNet-18 with more blocks, ResNet-101/152 are ResNet-50 with more
-# blocks, VGG-11/16/19 use VGG-13's convolution shapes. They run eval at 64 px on XLA's
-# convolutions only (`_conv_paths`); at 224 px and on both paths they cost the suite about
-# 8 minutes of CPU time, and `python -m porting.parity` measures them there for
-# docs/parity.md.
+# Members of a family whose every layer (kernel shape; for a grouped 3x3 layer, its stage and
+# the shape of one group's kernel, which decide the CPU forms' code path) is also in the
+# architectures named here, which run on the CPU forms: ResNet-34 is ResNet-18 with more
+# blocks, ResNet-101/152 are ResNet-50 with more blocks, VGG-11/16/19 use VGG-13's
+# convolution shapes, Wide ResNet-101 is Wide ResNet-50 with more blocks, ResNeXt-101 64x4d
+# has ResNeXt-50 32x4d's groups (twice as many) and ResNeXt-101 32x8d's other layers. What is
+# theirs is depth (the deep ResNets' train mode amplifies rounding), which either convolution
+# path shows: they run on XLA's convolutions only (`_conv_paths`), which compile them 2-10x
+# faster than the CPU forms. On the CPU forms and at 224 px they cost the suite about 10
+# minutes of CPU time; `python -m porting.parity` measures them there for docs/parity.md.
 LAYERS_WITHIN = {
-    "resnet34": "resnet18",
-    "resnet101": "resnet50",
-    "resnet152": "resnet50",
-    "vgg11": "vgg13",
-    "vgg16": "vgg13",
-    "vgg19": "vgg13",
-    "vgg11_bn": "vgg13_bn",
-    "vgg16_bn": "vgg13_bn",
-    "vgg19_bn": "vgg13_bn",
+    "resnet34": ("resnet18",),
+    "resnet101": ("resnet50",),
+    "resnet152": ("resnet50",),
+    "vgg11": ("vgg13",),
+    "vgg16": ("vgg13",),
+    "vgg19": ("vgg13",),
+    "vgg11_bn": ("vgg13_bn",),
+    "vgg16_bn": ("vgg13_bn",),
+    "vgg19_bn": ("vgg13_bn",),
+    "wide_resnet101_2": ("wide_resnet50_2",),
+    "resnext101_64x4d": ("resnext50_32x4d", "resnext101_32x8d"),
 }
-SMALL_INPUT += tuple(LAYERS_WITHIN)
+SMALL_INPUT = tuple(dict.fromkeys(GROUPED_OR_WIDE + tuple(LAYERS_WITHIN)))
 
 # VGG-19-BN's train-mode logits on XLA's CPU convolutions are 1.2-1.3e-5 from torch's and
 # 0.9-1.1e-5 from float64 (torch's own float32: 5-8e-6; seeds 0-3): XLA's rounding, carried
@@ -158,21 +164,36 @@ def test_train_mode_logits_and_running_stats_match_torchvision(arch, conv_path, 
     assert r.train_within_target(TARGET), r
 
 
-def test_the_archs_checked_at_64_px_only_have_layer_shapes_checked_at_224_px():
-    def layer_shapes(arch: str) -> set:
-        model = jt.models.create(arch)
-        x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
-        shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
-        return {leaf.shape for leaf in jax.tree.leaves(shapes)}
+def _layer_signatures(arch: str) -> set:
+    model = jt.models.create(arch)
+    x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
+    groups = jt.models.family(arch).variants[arch].get("groups", 1)
+    signatures = set()
+    for path, leaf in traverse_util.flatten_dict(params).items():
+        if groups > 1 and path[0].startswith("layer") and path[1:] == ("conv2", "kernel"):
+            kh, kw, cin_g, cout = leaf.shape
+            stage = path[0].split("_")[0]
+            signatures.add(("grouped", stage, kh, kw, cin_g, cout // groups))
+        else:
+            signatures.add(leaf.shape)
+    return signatures
 
-    for small, base in LAYERS_WITHIN.items():
-        assert base not in SMALL_INPUT
-        assert layer_shapes(small) <= layer_shapes(base), small
-        assert jt.models.family(small) is jt.models.family(base)
+
+def test_the_archs_on_one_path_only_have_their_layers_checked_on_the_cpu_forms():
+    for small, bases in LAYERS_WITHIN.items():
+        covered = set().union(*(_layer_signatures(base) for base in bases))
+        assert _layer_signatures(small) <= covered, small
+        for base in bases:
+            assert base not in LAYERS_WITHIN and "auto" in _conv_paths(base), base
+            assert jt.models.family(small) is jt.models.family(base)
+    # The stems, pools and VGG's flatten at 224 px, on both paths.
+    for base in ("resnet18", "resnet50", "vgg13", "vgg13_bn"):
+        assert base not in SMALL_INPUT and _conv_paths(base) == CONV_PATHS
 
 
 def test_grouped_and_wide_archs_are_the_five_torchvision_ones():
-    assert set(SMALL_INPUT) - set(LAYERS_WITHIN) == {
+    assert set(GROUPED_OR_WIDE) == {
         "resnext50_32x4d",
         "resnext101_32x8d",
         "resnext101_64x4d",
