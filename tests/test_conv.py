@@ -2,7 +2,8 @@
 and ResNet's max-pool gradients against torch's.
 
 Every code path of `conv_general_dilated` is hit: the 1x1 matrix-product forward
-(stride 1 and 2, odd sizes), Winograd (3x3 stride 1, see also test_winograd.py),
+(stride 1 and 2, odd sizes), Winograd (3x3 stride 1, see also test_winograd.py) and
+its 1x1-map case (the centre tap's product),
 the per-tap kernel gradient over all positions and the per-image one (few
 channels, many positions), strides 1 and 2, and the 7x7 RGB stem, which is left
 to XLA both ways (fewer than 8 input channels), and grouped convolutions
@@ -27,6 +28,7 @@ CASES = [
     (9, 16, 24, 1, 1, 0),  # 1x1 forward as a product
     (7, 16, 24, 1, 2, 0),  # 1x1, stride 2 over an odd size (ResNet-50 layer4 at 112 px)
     (28, 8, 16, 3, 1, 1),  # Winograd F(2x2, 3x3)
+    (1, 64, 32, 3, 1, 1),  # 3x3 on a 1x1 map: the centre tap's product (layer4 at 32 px)
     (57, 8, 16, 3, 2, 1),  # per-image kernel gradient (8*16 channels, 29*29 positions)
     (15, 96, 96, 3, 2, 1),  # one product per tap (96*96 > 64*128)
     (13, 8, 16, 3, 2, 1),  # stride 2, odd size: the last row/column is never read

@@ -91,6 +91,24 @@ def test_conv2d_uses_winograd_for_3x3_stride_1_only():
     assert _rel(dx, dx_ref) < 4e-6 and _rel(dk, dk_ref) < 4e-6
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_a_1x1_map_is_one_product_with_the_centre_tap_both_ways(dtype):
+    # Every other tap reads padding: one product each way instead of Winograd's 16.
+    same = lambda a, b: conv.conv2d(a, b, (1, 1), ((1, 1), (1, 1)))  # noqa: E731
+    with jax.enable_x64(dtype == jnp.float64):
+        x, k, g = _data((3, 1, 1, 16, 8), dtype)
+        assert str(jax.make_jaxpr(same)(x, k)).count("dot_general") == 1
+        loss = lambda a, b: jnp.sum(same(a, b) * g)  # noqa: E731
+        assert str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, k)).count("dot_general") == 3
+        y, (dx, dk) = same(x, k), jax.grad(loss, argnums=(0, 1))(x, k)
+        y_ref, vjp = jax.vjp(_direct, x, k)
+        dx_ref, dk_ref = vjp(g)
+        tol = 1e-6 if dtype == jnp.float32 else 1e-14
+        assert _rel(y, y_ref) < tol and _rel(dx, dx_ref) < tol and _rel(dk, dk_ref) < tol
+        assert y.dtype == dx.dtype == dk.dtype == dtype
+        assert not dk[0].any() and not dk[2].any() and not dk[:, 0].any() and not dk[:, 2].any()
+
+
 def test_kernel_transform_of_a_flipped_kernel_permutes_its_points():
     # The input gradient relies on G flip(K) G^T being a permutation of G K G^T.
     _, k, _ = _data((1, 1, 1, 2, 3), jnp.float32)

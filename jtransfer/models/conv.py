@@ -14,7 +14,8 @@ Flax's `nn.Conv` accepts (`nn.Conv(..., conv_general_dilated=...)`).
 3x3 stride-1 convolutions with padding 1 in float32 or float64 (most of ResNet's
 and all of VGG's work) run forward and backward by Winograd's F(2x2, 3x3)
 (`jtransfer.models.winograd`): 2.25x fewer multiplications, differing from a
-direct convolution by rounding only.
+direct convolution by rounding only. On a 1x1 map (small inputs) such a layer is
+one matrix product with its centre tap, the only one that reads no padding.
 
 Layers with fewer than 8 input channels (the RGB input layer: ResNet's 7x7/2
 stem, VGG's first 3x3) are left to XLA's own convolution and autodiff, faster
@@ -213,8 +214,39 @@ def _is_winograd(x: Array, kernel: Array, strides, padding) -> bool:
     )
 
 
+def _centre_tap_only(x: Array, kernel: Array, strides, padding) -> bool:
+    """A Winograd layer's shape on a 1x1 map: every tap but the centre reads padding.
+
+    Small inputs make these (ResNet's layer4 at 32 px, the hot-dog demo's size). The
+    layer is then one matrix product with the centre tap, where Winograd's tile would
+    compute 16 products for the one output (docs/performance.md)."""
+    return x.shape[1:3] == (1, 1) and _is_winograd(x, kernel, strides, padding)
+
+
+def _centre_tap(x: Array, kernel: Array, precision) -> Array:
+    n, _, _, cin = x.shape
+    dims = (((1,), (0,)), ((), ()))
+    y = lax.dot_general(x.reshape(n, cin), kernel[1, 1], dims, precision=precision)
+    return y.reshape(n, 1, 1, kernel.shape[3])
+
+
+def _centre_tap_grads(x: Array, kernel: Array, g: Array, precision) -> tuple[Array, Array]:
+    n, _, _, cin = x.shape
+    cout = kernel.shape[3]
+    g2, x2 = g.reshape(n, cout), x.reshape(n, cin)
+    dx = lax.dot_general(g2, kernel[1, 1], (((1,), (1,)), ((), ())), precision=precision)
+    acc = jnp.promote_types(jnp.promote_types(x.dtype, g.dtype), jnp.float32)
+    centre = lax.dot_general(
+        x2, g2, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=acc
+    )
+    dk = jnp.zeros((3, 3, cin, cout), acc).at[1, 1].set(centre)
+    return dx.reshape(n, 1, 1, cin), dk
+
+
 def _forward(x: Array, kernel: Array, strides, padding, precision) -> Array:
     kh, kw, cin, cout = kernel.shape
+    if _centre_tap_only(x, kernel, strides, padding):
+        return _centre_tap(x, kernel, precision)
     if _is_winograd(x, kernel, strides, padding):
         return winograd.conv3x3(x, kernel, precision)
     if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
@@ -291,6 +323,9 @@ def _conv2d_fwd(x, kernel, strides, padding, precision):
 
 def _conv2d_bwd(strides, padding, precision, residuals, g):
     x, kernel = residuals
+    if _centre_tap_only(x, kernel, strides, padding):
+        dx, dk = _centre_tap_grads(x, kernel, g, precision)
+        return dx.astype(x.dtype), dk.astype(kernel.dtype)
     if _is_winograd(x, kernel, strides, padding):
         dx = winograd.conv3x3_input_grad(g, kernel, precision)
         dk = winograd.conv3x3_kernel_grad(x, g, precision)
@@ -683,6 +718,9 @@ class PreparedConv(nn.Module):
                     f"points {tuple(rhs.shape[2:])} {rhs.dtype}; prepare_inference again from "
                     "these parameters"
                 )
+            if lhs.shape[1:3] == (1, 1):
+                # One product with the centre tap (`_centre_tap_only`) needs no transform.
+                return conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
             return _prepared_conv3x3(lhs, points, kwargs.get("precision"))
         # init makes every collection mutable; the transforms are not variables to keep.
         if winograd_layer and self.is_mutable_collection(PREPARED) and not self.is_initializing():
