@@ -2,14 +2,16 @@
 
 Per layer (default): ResNeXt-50's grouped layers (32 groups; 4, 8, 16, 32 channels per
 group; the map sizes an input of `--size` px gives them, stride 1 and 2), forward and
-backward (input and kernel gradients) of `jtransfer.models.conv.grouped_conv2d` against
-torch's ``F.conv2d(groups=32)`` with ``backward()``, ms, min over reps, and the sum over
-the network's grouped layers (each layer times its count).
+backward (input and kernel gradients) of `jtransfer.models.conv.grouped_conv2d`, the same
+with the gradients as they were before (`before_backward`), and torch's
+``F.conv2d(groups=32)`` with ``backward()``, alternating, ms, min over reps, and the sums
+over the network's grouped layers (each layer times its count).
 
 ``--step``: the whole ResNeXt-50 fine-tune step (SGD, summed cross-entropy, BatchNorm in
-train mode), jitted twice in one process, once with the narrow layers' gradients by
-im2col's products batched over groups (the form before blocks of whole groups) and once
-with the current ones, timed alternately; wall and CPU seconds per step, and each compile.
+train mode), jitted twice in one process, once with the grouped layers' gradients as they
+were before XLA's kernel gradient per block and the wide layers' input gradient by phases
+(`before_backward`) and once with the current ones, timed alternately; wall and CPU
+seconds per step, and each compile.
 See docs/performance.md, "Grouped convolutions".
 
 Usage::
@@ -54,20 +56,33 @@ def best_ms(fn, reps: int) -> float:
 
 
 def time_layer(side: int, channels: int, stride: int, batch: int, reps: int):
-    """(jtransfer, torch) ms for forward + backward of one grouped layer."""
+    """(jtransfer, jtransfer before, torch) ms for forward + backward of one grouped layer;
+    the three alternate rep by rep, so load from other processes hits each alike."""
     import torch
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, side, side, channels)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((3, 3, channels // GROUPS, channels)) * 0.1, jnp.float32)
+    strides = (stride, stride)
 
     def layer(x, k):
-        return conv.grouped_conv2d(x, k, (stride, stride), PAD, GROUPS)
+        return conv.grouped_conv2d(x, k, strides, PAD, GROUPS)
+
+    @jax.custom_vjp
+    def before(x, k):
+        return layer(x, k)
+
+    before.defvjp(
+        lambda x, k: (layer(x, k), (x, k)),
+        lambda res, g: before_backward(strides, PAD, GROUPS, None, res, g),
+    )
 
     y = jax.jit(layer)(x, k)
     gy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
-    both = jax.jit(lambda x, k, gy: jax.vjp(layer, x, k)[1](gy))
-    jt_ms = best_ms(lambda: jax.block_until_ready(both(x, k, gy)), reps)
+    steps = {
+        name: jax.jit(lambda x, k, gy, f=f: jax.vjp(f, x, k)[1](gy))
+        for name, f in (("current", layer), ("before", before))
+    }
 
     xt = torch.tensor(np.asarray(x)).permute(0, 3, 1, 2).contiguous().requires_grad_()
     kt = torch.tensor(np.asarray(k)).permute(3, 2, 0, 1).contiguous().requires_grad_()
@@ -78,40 +93,108 @@ def time_layer(side: int, channels: int, stride: int, batch: int, reps: int):
         out = torch.nn.functional.conv2d(xt, kt, stride=stride, padding=1, groups=GROUPS)
         out.backward(gt)
 
-    return jt_ms, best_ms(torch_step, reps)
+    calls = {name: (lambda f=f: jax.block_until_ready(f(x, k, gy))) for name, f in steps.items()}
+    calls["torch"] = torch_step
+    times = {name: [] for name in calls}
+    for fn in calls.values():
+        fn()  # compile / warm up
+    for _ in range(reps):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return tuple(1e3 * min(times[name]) for name in ("current", "before", "torch"))
 
 
 def per_layer(size: int, batch: int, reps: int) -> None:
     import torch
 
     torch.set_num_threads(2)
-    print("| map, channels, stride (x count) | jtransfer fwd+bwd ms | torch fwd+bwd ms |")
-    print("|---|---:|---:|")
-    total_jt = total_torch = 0.0
+    print(
+        "| map, channels, stride (x count) | jtransfer fwd+bwd ms | before (`before_backward`) "
+        "ms | torch fwd+bwd ms |"
+    )
+    print("|---|---:|---:|---:|")
+    totals = np.zeros(3)
     for div, channels, stride, count in LAYERS:
         side = -(-size // div)
-        jt_ms, torch_ms = time_layer(side, channels, stride, batch, reps)
-        total_jt += count * jt_ms
-        total_torch += count * torch_ms
-        print(f"| {side}, {channels}, {stride} (x{count}) | {jt_ms:.1f} | {torch_ms:.1f} |")
-    print(f"| all of ResNeXt-50's grouped layers | {total_jt:.0f} | {total_torch:.0f} |")
+        ms = time_layer(side, channels, stride, batch, reps)
+        totals += count * np.array(ms)
+        print(
+            f"| {side}, {channels}, {stride} (x{count}) | "
+            + " | ".join(f"{t:.1f}" for t in ms)
+            + " |"
+        )
+    print("| all of ResNeXt-50's grouped layers | " + " | ".join(f"{t:.0f}" for t in totals) + " |")
 
 
-def im2col_backward(strides, padding, groups, precision, residuals, g):
-    """The narrow layers' gradients before blocks: im2col's products batched over groups
-    (the input gradient at stride 1 by `_grouped_taps`, as now)."""
-    x, kernel = residuals
+def im2col(x, kernel, strides, padding, groups: int, precision):
+    """The grouped convolution as im2col: the k*k taps gathered into (positions, groups,
+    k*k*Cin/G) and one matrix product batched over groups (the wide stride-2 layers' form
+    before)."""
     kh, kw, cin_g, cout = kernel.shape
-    if cin_g > conv._TAPS_MAX_GROUP_CHANNELS:
-        return conv._grouped_bwd(strides, padding, groups, precision, residuals, g)
-    g = g.astype(x.dtype)
-    _, vjp = jax.vjp(
-        lambda x, k: conv._grouped_im2col(x, k, strides, padding, groups, precision), x, kernel
-    )
-    dx_im2col, dk = vjp(g)
-    if strides != (1, 1) or cout // groups > conv._TAPS_MAX_GROUP_CHANNELS:
-        return dx_im2col.astype(x.dtype), dk.astype(kernel.dtype)
+    sh, sw = strides
+    (pt, pb), (pl, pr) = padding
+    n = x.shape[0]
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    ho = (xp.shape[1] - kh) // sh + 1
+    wo = (xp.shape[2] - kw) // sw + 1
+    taps = [
+        jax.lax.slice(
+            xp,
+            (0, i, j, 0),
+            (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, x.shape[3]),
+            (1, sh, sw, 1),
+        ).reshape(n * ho * wo, groups, 1, cin_g)
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    cols = jnp.concatenate(taps, axis=2).reshape(n * ho * wo, groups, kh * kw * cin_g)
+    # (kh, kw, Cin/G, (G, Cout/G)) -> (G, kh * kw * Cin/G, Cout/G), taps in the cols' order.
+    k = kernel.reshape(kh * kw * cin_g, groups, cout // groups).transpose(1, 0, 2)
+    acc = jnp.promote_types(jnp.promote_types(x.dtype, kernel.dtype), jnp.float32)
+    dims = (((2,), (1,)), ((1,), (0,)))
+    y = jax.lax.dot_general(cols, k, dims, precision=precision, preferred_element_type=acc)
+    return y.astype(x.dtype).transpose(1, 0, 2).reshape(n, ho, wo, cout)
+
+
+def products_kernel_grad(x, g, kernel_shape, strides, padding, groups, precision):
+    """A narrow layer's kernel gradient before XLA's per block: per tap, one dense matrix
+    product batched over the blocks of whole groups, the groups' diagonal parts kept."""
+    kh, kw, cin_g, cout = kernel_shape
+    cout_g = cout // groups
+    sh, sw = strides
+    (pt, pb), (pl, pr) = padding
+    n, ho, wo, _ = g.shape
+    per_block = conv._groups_per_block(groups, cin_g)
+    blocks, bin_, bout = groups // per_block, per_block * cin_g, per_block * cout_g
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    positions = n * ho * wo
+    g3 = g.reshape(positions, blocks, bout).transpose(1, 0, 2)
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            seen = xp[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw]
+            seen = seen.reshape(positions, blocks, bin_).transpose(1, 0, 2)
+            dense = conv._matmul(seen, g3, (1, 1), precision, batched=True)
+            dense = dense.reshape(blocks, per_block, cin_g, per_block, cout_g)
+            taps.append(jnp.einsum("bkiko->ibko", dense).reshape(cin_g, cout))
+    return jnp.stack(taps).reshape(kernel_shape)
+
+
+def before_backward(strides, padding, groups, precision, residuals, g):
+    """The backward before this form: narrow layers' kernel gradient by
+    `products_kernel_grad`; wide layers' gradients XLA's of one convolution per group at
+    stride 1 and of `im2col` at stride 2, both ways."""
+    x, kernel = residuals
+    if kernel.shape[2] > conv._TAPS_MAX_GROUP_CHANNELS:
+        form = conv._per_group if tuple(strides) == (1, 1) else im2col
+        _, vjp = jax.vjp(lambda x, k: form(x, k, strides, padding, groups, precision), x, kernel)
+        dx, dk = vjp(g.astype(x.dtype))
+        return dx.astype(x.dtype), dk.astype(kernel.dtype)
     dx, _ = conv._grouped_bwd(strides, padding, groups, precision, residuals, g)
+    g = g.astype(x.dtype)
+    dk = products_kernel_grad(x, g, kernel.shape, strides, padding, groups, precision)
     return dx, dk.astype(kernel.dtype)
 
 
@@ -145,7 +228,7 @@ def whole_step(size: int, batch: int, reps: int) -> None:
     steps = {}
     args = (variables["params"], variables["batch_stats"], x, y)
     try:
-        for name, bwd in (("im2col", im2col_backward), ("blocks", current)):
+        for name, bwd in (("before", before_backward), ("current", current)):
             conv.grouped_conv2d.defvjp(conv._grouped_fwd, bwd)
             steps[name] = make_step()
             t0 = time.perf_counter()
@@ -169,9 +252,9 @@ def whole_step(size: int, batch: int, reps: int) -> None:
             f"{name}: wall min {1e3 * w.min():.0f} ms, median {1e3 * np.median(w):.0f} ms; "
             f"CPU median {np.median(c):.2f} s per step"
         )
-    ratio_min = min(wall["blocks"]) / min(wall["im2col"])
-    ratio_median = np.median(wall["blocks"]) / np.median(wall["im2col"])
-    print(f"blocks / im2col: {ratio_min:.3f} by min, {ratio_median:.3f} by median")
+    ratio_min = min(wall["current"]) / min(wall["before"])
+    ratio_median = np.median(wall["current"]) / np.median(wall["before"])
+    print(f"current / before: {ratio_min:.3f} by min, {ratio_median:.3f} by median")
 
 
 def main(argv=None) -> None:

@@ -66,9 +66,12 @@ def test_forward_and_gradients_match_xla(size, cin, cout, k, stride, pad):
 
 # (size, channels, groups, stride, padding): ResNeXt's grouped 3x3 layers, stride 1 and 2
 # over odd sizes. Up to 8 input channels per group run as an elementwise sum over taps
-# (forward, and the input gradient at stride 1) with both gradients otherwise by dense
-# products over blocks of whole groups (3 or 6 groups: blocks of 1, 3 and 6); wider groups
-# run one XLA convolution per group (forward, and both gradients at stride 1).
+# (forward, and the input gradient at stride 1); their kernel gradient is XLA's of one dense
+# convolution per block of whole groups, their input gradient at stride 2 dense products
+# over the same blocks (3 or 6 groups: blocks of 1, 3 and 6). Wider groups run one XLA
+# convolution per group (forward, and both gradients at stride 1 on larger maps); their
+# input gradient at stride 2 and on small maps is one product batched over groups summed
+# per phase of the stride (the last two rows: asymmetric padding).
 GROUPED = [
     (12, 24, 6, 2, ((0, 1), (1, 0))),
     (8, 12, 6, 1, ((1, 1), (1, 1))),
@@ -80,6 +83,8 @@ GROUPED = [
     (30, 64, 4, 1, ((1, 1), (1, 1))),
     (10, 48, 3, 1, ((2, 0), (0, 1))),
     (13, 64, 4, 2, ((1, 1), (1, 1))),
+    (12, 48, 3, 2, ((0, 1), (1, 0))),
+    (6, 48, 3, 1, ((2, 0), (0, 1))),
 ]
 
 
@@ -88,6 +93,7 @@ GROUPED = [
 GROUPED_WIDENING = [
     (9, 32, 128, 8, 1, ((1, 1), (1, 1))),
     (11, 24, 48, 3, 2, ((1, 1), (1, 1))),
+    (11, 48, 96, 3, 2, ((1, 1), (1, 1))),
 ]
 
 
@@ -124,6 +130,34 @@ def _check_grouped(size, cin, cout, groups, stride, pad):
         assert mine.shape == theirs.shape and mine.dtype == theirs.dtype
         err = float(jnp.abs(mine - theirs).max() / jnp.abs(theirs).max())
         assert err < 2e-6, err
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(jnp.float64, 1e-12), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_grouped_gradients_keep_the_dtype_and_sum_in_float32_or_wider(dtype, tol, stride):
+    # 4 channels per group (the narrow forms) against XLA's autodiff in float64.
+    rng = np.random.RandomState(stride)
+    x = rng.randn(2, 9, 9, 32)
+    w = rng.randn(3, 3, 4, 32)
+    g = rng.randn(2, 9 // stride + (stride - 1), 9 // stride + (stride - 1), 32)
+    kw = dict(dimension_numbers=NHWC, feature_group_count=8)
+    pad = ((1, 1), (1, 1))
+    with jax.enable_x64():
+        _, ref_vjp = jax.vjp(
+            lambda a, b: lax.conv_general_dilated(a, b, (stride,) * 2, pad, **kw),
+            jnp.asarray(x, jnp.float64),
+            jnp.asarray(w, jnp.float64),
+        )
+        refs = ref_vjp(jnp.asarray(g, jnp.float64))
+        _, vjp = jax.vjp(
+            lambda a, b: conv.conv_general_dilated(a, b, (stride,) * 2, pad, **kw),
+            jnp.asarray(x, dtype),
+            jnp.asarray(w, dtype),
+        )
+        for mine, ref in zip(vjp(jnp.asarray(g, dtype)), refs, strict=True):
+            assert mine.dtype == dtype
+            err = float(jnp.abs(mine.astype(jnp.float64) - ref).max() / jnp.abs(ref).max())
+            assert err < tol, err
 
 
 def test_unsupported_configurations_fall_back_to_xla():

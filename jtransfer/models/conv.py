@@ -43,16 +43,17 @@ convolution is several times slower there. Wider groups run as one ordinary
 XLA convolution per group (`_per_group`), which XLA:CPU runs several times faster
 than its grouped convolution. XLA:CPU's autodiff of a grouped convolution is
 unusable: its kernel and input gradients ran 30-100x slower than torch's on
-ResNeXt-50's layers (docs/performance.md). The backward pass (`grouped_conv2d`) of
-a wide stride-1 layer is XLA's gradient of `_per_group`; of a wide stride-2 layer, the
-gradient of the same convolution written as im2col: the k*k taps gathered into
-(positions, groups, k*k*Cin/G) and one matrix product batched over groups. A narrow
-layer's kernel gradient is per tap one dense product per block of whole groups
-(16 input channels), of which the groups' own diagonal blocks are kept
-(`_grouped_kernel_grad`); its input gradient is the flipped convolution run by
-`_grouped_taps` at stride 1, else dense products through block-diagonal kernels
-(`_grouped_input_grad`). Sums reordered, rounding only. Grouped layers never use
-Winograd (the per-group products are too thin).
+ResNeXt-50's layers (docs/performance.md). The backward pass (`grouped_conv2d`)
+computes a narrow layer's kernel gradient block by block of whole groups (16 input
+channels), each block differentiated by XLA as one ordinary convolution with a dense
+kernel, of which the groups' own diagonal parts are kept (`_grouped_kernel_grad`); its
+input gradient is the flipped convolution run by `_grouped_taps` at stride 1, else
+dense products through block-diagonal kernels (`_grouped_input_grad`). A wide layer's
+kernel gradient is XLA's gradient of `_per_group`; its input gradient too on larger
+maps at stride 1, and otherwise one matrix product batched over groups for all taps,
+summed per phase of the stride (`_grouped_input_grad_phases`). Sums reordered,
+rounding only. Grouped layers never use Winograd (the per-group products are too
+thin).
 
 Configurations other than 2-D NHWC / HWIO without dilation fall back to
 `lax.conv_general_dilated`.
@@ -419,46 +420,18 @@ def _input_grad(g, kernel, x_shape, strides, padding, precision) -> Array:
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-def _grouped_im2col(x: Array, kernel: Array, strides, padding, groups: int, precision) -> Array:
-    """The grouped convolution as one matrix product batched over groups (see `grouped_conv2d`)."""
-    kh, kw, cin_g, cout = kernel.shape
-    sh, sw = strides
-    (pt, pb), (pl, pr) = padding
-    n = x.shape[0]
-    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
-    ho = (xp.shape[1] - kh) // sh + 1
-    wo = (xp.shape[2] - kw) // sw + 1
-    taps = [
-        lax.slice(
-            xp,
-            (0, i, j, 0),
-            (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, x.shape[3]),
-            (1, sh, sw, 1),
-        ).reshape(n * ho * wo, groups, 1, cin_g)
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    cols = jnp.concatenate(taps, axis=2).reshape(n * ho * wo, groups, kh * kw * cin_g)
-    # (kh, kw, Cin/G, (G, Cout/G)) -> (G, kh * kw * Cin/G, Cout/G), taps in the cols' order.
-    k = kernel.reshape(kh * kw * cin_g, groups, cout // groups).transpose(1, 0, 2)
-    acc = jnp.promote_types(jnp.promote_types(x.dtype, kernel.dtype), jnp.float32)
-    dims = (((2,), (1,)), ((1,), (0,)))
-    y = lax.dot_general(cols, k, dims, precision=precision, preferred_element_type=acc)
-    return y.astype(x.dtype).transpose(1, 0, 2).reshape(n, ho, wo, cout)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def grouped_conv2d(x: Array, kernel: Array, strides, padding, groups: int, precision=None) -> Array:
     """NHWC x HWIO convolution with `groups` feature groups (no dilation).
 
     Forward: `_grouped_taps` for at most `_TAPS_MAX_GROUP_CHANNELS` input channels
-    per group, else one XLA convolution per group (`_per_group`). Backward: wide
-    stride-1 layers, XLA's gradients of `_per_group`; wide stride-2 layers, the
-    gradients of the same convolution written as im2col (`_grouped_im2col`), matrix
-    products batched over groups; narrow layers, dense products over blocks of whole
-    groups (`_grouped_kernel_grad`, `_grouped_input_grad`), the input gradient at
-    stride 1 by `_grouped_taps`. XLA:CPU's own autodiff of a grouped convolution is
-    many times slower (see the module docstring).
+    per group, else one XLA convolution per group (`_per_group`). Backward: narrow
+    layers' kernel gradient is XLA's of one dense convolution per block of whole groups
+    (`_grouped_kernel_grad`), their input gradient `_grouped_taps` of the flipped kernel
+    at stride 1, else dense products per block (`_grouped_input_grad`); wide layers'
+    kernel gradient is XLA's of `_per_group`, their input gradient XLA's of `_per_group`
+    on larger maps at stride 1, else `_grouped_input_grad_phases`. XLA:CPU's own
+    autodiff of a grouped convolution is many times slower (see the module docstring).
 
     Args:
         x: (N, H, W, Cin).
@@ -556,20 +529,8 @@ def _grouped_bwd(strides, padding, groups, precision, residuals, g):
     x, kernel = residuals
     g = g.astype(x.dtype)
     kh, kw, cin_g, cout = kernel.shape
-    if strides == (1, 1) and cin_g > _TAPS_MAX_GROUP_CHANNELS:
-        # Wide groups: one convolution per group differentiated by XLA, 1.0-2.7x faster
-        # than im2col's gradients at stride 1 (at stride 2 about even).
-        _, vjp = jax.vjp(
-            lambda x, k: _per_group(x, k, strides, padding, groups, precision), x, kernel
-        )
-        dx, dk = vjp(g)
-        return dx.astype(x.dtype), dk.astype(kernel.dtype)
     if cin_g > _TAPS_MAX_GROUP_CHANNELS:
-        _, vjp = jax.vjp(
-            lambda x, k: _grouped_im2col(x, k, strides, padding, groups, precision), x, kernel
-        )
-        dx, dk = vjp(g)
-        return dx.astype(x.dtype), dk.astype(kernel.dtype)
+        return _wide_grouped_grads(x, kernel, g, strides, padding, groups, precision)
     dk = _grouped_kernel_grad(x, g, kernel.shape, strides, padding, groups, precision)
     if strides != (1, 1) or cout // groups > _TAPS_MAX_GROUP_CHANNELS:
         dx = _grouped_input_grad(g, kernel, x.shape, strides, padding, groups, precision)
@@ -585,12 +546,89 @@ def _grouped_bwd(strides, padding, groups, precision, residuals, g):
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
-# The gradients of a narrow grouped layer multiply blocks of this many input channels
-# (several whole groups) as dense matrices, and keep (kernel gradient) or use (input
-# gradient, through a block-diagonal kernel) only the groups' own diagonal blocks. That
-# multiplies more than it needs, yet XLA:CPU runs these plain products several times
-# faster than im2col's products batched over groups; wider blocks and one product per
-# image measured slower (docs/performance.md, "Grouped convolutions").
+# A wide stride-1 layer's input gradient is `_grouped_input_grad_phases` (else XLA's
+# gradient of `_per_group`) while output positions x channels per group are at most
+# this (4x4 maps with 32 channels per group: ResNeXt-50's layer4 at 112 px). There the
+# 32 small convolutions cost more than their work; at 7x7 with 16 channels the two were
+# even, and on larger maps the convolutions win (docs/performance.md, "Wide groups'
+# input gradient by phases").
+_PHASES_MAX_POSITIONS_X_CHANNELS = 4 * 4 * 32
+
+
+def _wide_grouped_grads(x, kernel, g, strides, padding, groups: int, precision):
+    """(dX, dK) of a grouped layer with more than `_TAPS_MAX_GROUP_CHANNELS` input
+    channels per group.
+
+    dK: XLA's gradient of `_per_group`. dX: `_grouped_input_grad_phases` at stride 2, and
+    at stride 1 on small maps; else XLA's gradient of `_per_group`.
+    """
+    n, ho, wo, _ = g.shape
+    cin_g = kernel.shape[2]
+    phases = tuple(strides) != (1, 1) or ho * wo * cin_g <= _PHASES_MAX_POSITIONS_X_CHANNELS
+
+    def layer(x, k):
+        return _per_group(x, k, strides, padding, groups, precision)
+
+    if phases:
+        _, vjp = jax.vjp(lambda k: layer(x, k), kernel)
+        (dk,) = vjp(g)
+        dx = _grouped_input_grad_phases(g, kernel, x.shape, strides, padding, groups, precision)
+    else:
+        _, vjp = jax.vjp(layer, x, kernel)
+        dx, dk = vjp(g)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+def _grouped_input_grad_phases(g, kernel, x_shape, strides, padding, groups: int, precision):
+    """dX of a grouped convolution from one matrix product batched over groups.
+
+    dY @ K[i, j]^T for every tap at once, (groups, positions, k*k*Cin/G); each tap's term
+    then lands on one phase of the stride (the input rows and columns it reads, modulo the
+    stride), shifted by whole output steps: a plain pad and sum per phase, no interior
+    padding (the scatter im2col's autodiff makes). The phases are interleaved once at the
+    end, which also brings the groups back beside the channels. Sums float32 or wider.
+    """
+    n, ho, wo, cout = g.shape
+    kh, kw, cin_g, _ = kernel.shape
+    cout_g = cout // groups
+    sh, sw = strides
+    (pt, pb), (pl, pr) = padding
+    hp, wp = x_shape[1] + pt + pb, x_shape[2] + pl + pr
+    hq, wq = -(-hp // sh), -(-wp // sw)  # each phase's rows and columns
+    acc = jnp.promote_types(jnp.promote_types(g.dtype, kernel.dtype), jnp.float32)
+    g3 = g.reshape(n * ho * wo, groups, cout_g)
+    # (kh, kw, Cin/G, (G, Cout/G)) -> (G, Cout/G, (kh, kw, Cin/G))
+    k = kernel.reshape(kh * kw * cin_g, groups, cout_g).transpose(1, 2, 0)
+    dims = (((2,), (1,)), ((1,), (0,)))
+    terms = lax.dot_general(g3, k, dims, precision=precision, preferred_element_type=acc)
+    terms = terms.reshape(groups, n, ho, wo, kh, kw, cin_g)
+    phase_sums: dict[tuple[int, int], Array] = {}
+    for a in range(kh):
+        for b in range(kw):
+            # Padded input row s*h + a: phase a % s, phase row h + a // s.
+            oa, ob = a // sh, b // sw
+            term = lax.pad(
+                terms[:, :, :, :, a, b, :],
+                jnp.zeros((), acc),
+                ((0, 0, 0), (0, 0, 0), (oa, hq - ho - oa, 0), (ob, wq - wo - ob, 0), (0, 0, 0)),
+            )
+            key = (a % sh, b % sw)
+            phase_sums[key] = term + phase_sums[key] if key in phase_sums else term
+    zeros = jnp.zeros((groups, n, hq, wq, cin_g), acc)
+    stacked = jnp.stack(
+        [jnp.stack([phase_sums.get((p, q), zeros) for q in range(sw)]) for p in range(sh)]
+    )
+    # (sh, sw, G, N, hq, wq, Cin/G) -> (N, hq, sh, wq, sw, G, Cin/G): padded input rows.
+    full = stacked.transpose(3, 4, 0, 5, 1, 2, 6).reshape(n, hq * sh, wq * sw, groups * cin_g)
+    return full[:, pt : pt + x_shape[1], pl : pl + x_shape[2], :]
+
+
+# A narrow grouped layer's gradients work on blocks of this many input channels (several
+# whole groups) as if the block were one ordinary convolution with a dense kernel, and keep
+# (kernel gradient) or use (input gradient, through a block-diagonal kernel) only the
+# groups' own diagonal parts. That multiplies more than it needs, yet XLA:CPU runs these
+# plain convolutions and products several times faster than im2col's products batched
+# over groups; wider blocks measured slower (docs/performance.md, "Grouped convolutions").
 _BLOCK_CHANNELS = 16
 
 
@@ -601,39 +639,33 @@ def _groups_per_block(groups: int, cin_g: int) -> int:
 
 
 def _grouped_kernel_grad(x, g, kernel_shape, strides, padding, groups: int, precision) -> Array:
-    """dK of a grouped convolution: per tap, (the inputs it saw)^T @ dY block by block.
+    """dK of a narrow grouped convolution, block by block of `per_block` whole groups.
 
-    A block is `per_block` whole groups; its product is dense (it also pairs the inputs of
-    one group with the outputs of another), and only the groups' own (diagonal) parts are
-    kept. Sums are float32 or wider.
+    Each block is differentiated as one ordinary convolution with a dense kernel: XLA's
+    kernel gradient of it also pairs the inputs of one group with the outputs of another,
+    and only the groups' own (diagonal) parts are kept. Sums are float32 or wider.
     """
     kh, kw, cin_g, cout = kernel_shape
     cout_g = cout // groups
-    sh, sw = strides
-    (pt, pb), (pl, pr) = padding
-    n, ho, wo, _ = g.shape
-    cin = x.shape[3]
     per_block = _groups_per_block(groups, cin_g)
     blocks, bin_, bout = groups // per_block, per_block * cin_g, per_block * cout_g
-    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
-    positions = n * ho * wo
-    # Blocks first: one matrix product per tap, batched over blocks (one product per
-    # block and tap ran about as fast and compiled several times slower).
-    g3 = g.reshape(positions, blocks, bout).transpose(1, 0, 2)
-    taps = []
-    for i in range(kh):
-        for j in range(kw):
-            seen = lax.slice(
-                xp,
-                (0, i, j, 0),
-                (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin),
-                (1, sh, sw, 1),
-            ).reshape(positions, blocks, bin_)
-            dense = _matmul(seen.transpose(1, 0, 2), g3, (1, 1), precision, batched=True)
-            dense = dense.reshape(blocks, per_block, cin_g, per_block, cout_g)
-            # The diagonal: group (b, k)'s inputs against its own outputs.
-            taps.append(jnp.einsum("bkiko->ibko", dense).reshape(cin_g, cout))
-    return jnp.stack(taps).reshape(kernel_shape)
+    acc = jnp.promote_types(jnp.promote_types(x.dtype, g.dtype), jnp.float32)
+    dense = []
+    for b in range(blocks):
+        x_b = x[..., b * bin_ : (b + 1) * bin_].astype(acc)
+        g_b = g[..., b * bout : (b + 1) * bout].astype(acc)
+
+        def block(k, x_b=x_b):
+            return lax.conv_general_dilated(
+                x_b, k, strides, padding, dimension_numbers=_NHWC, precision=precision
+            )
+
+        # The forward of this vjp is unused and traced away; only its transpose runs.
+        _, vjp = jax.vjp(block, jnp.zeros((kh, kw, bin_, bout), acc))
+        dense.append(vjp(g_b)[0])
+    d = jnp.stack(dense).reshape(blocks, kh, kw, per_block, cin_g, per_block, cout_g)
+    # The diagonal: group (b, k)'s inputs against its own outputs.
+    return jnp.einsum("bhwkiko->hwibko", d).reshape(kernel_shape)
 
 
 def _grouped_input_grad(g, kernel, x_shape, strides, padding, groups: int, precision) -> Array:
