@@ -52,8 +52,7 @@ def _free_port() -> int:
 def _env(devices: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JTRANSFER_")}
     # The session's JTRANSFER_ settings stay out, except the convolutions this module runs
-    # (XLA_CONVOLUTIONS; they had been left out with the rest): the module took 92 -> 73 s
-    # alone on 2 cores.
+    # (XLA_CONVOLUTIONS; they had been left out with the rest), which compile faster.
     env[conv.CONV_ENV] = "xla"
     flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--x")
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}"
