@@ -550,8 +550,8 @@ def _grouped_bwd(strides, padding, groups, precision, residuals, g):
 # gradient of `_per_group`) while output positions x channels per group are at most
 # this (4x4 maps with 32 channels per group: ResNeXt-50's layer4 at 112 px). There the
 # 32 small convolutions cost more than their work; at 7x7 with 16 channels the two were
-# even, and on larger maps the convolutions win (docs/performance.md, "Wide groups'
-# input gradient by phases").
+# even, and on larger maps the convolutions win (docs/performance.md, "Kernel gradients
+# by XLA per block; wide input gradients by phases").
 _PHASES_MAX_POSITIONS_X_CHANNELS = 4 * 4 * 32
 
 
