@@ -331,23 +331,28 @@ def test_grouped_backward_times_a_layer_and_its_reference_form_agrees():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert all(ms > 0 for ms in module.time_layer(5, 128, 2, 1, 1))
+    import functools
+
+    import jax
     import jax.numpy as jnp
     import numpy as np
 
     from jtransfer.models import conv
 
-    # The A/B's "before" form computes the same gradients as the current one.
+    # The A/B's "before" form computes the same gradients as the current one, where the two
+    # differ: narrow layers at stride 1 and 2, a wide layer at stride 2.
     rng = np.random.default_rng(0)
-    cases = ((1, (2, 7, 7, 128)), (2, (2, 9, 9, 256)), (1, (2, 7, 7, 512)), (2, (2, 9, 9, 512)))
+    cases = ((1, (2, 7, 7, 128)), (2, (2, 9, 9, 256)), (2, (2, 9, 9, 512)))
     for stride, shape in cases:
         x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
         k = jnp.asarray(rng.standard_normal((3, 3, shape[3] // 32, shape[3])), jnp.float32)
         g = jnp.asarray(
             rng.standard_normal((2, *((7, 7) if stride == 1 else (5, 5)), shape[3])), jnp.float32
         )
-        args = ((stride, stride), module.PAD, 32, None, (x, k), g)
-        for ours, before in zip(
-            conv._grouped_bwd(*args), module.before_backward(*args), strict=True
-        ):
+        static = ((stride, stride), module.PAD, 32, None)
+        # Jitted: one compile each instead of op-by-op dispatch of every small operation.
+        ours_fn = jax.jit(functools.partial(conv._grouped_bwd, *static))
+        before_fn = jax.jit(functools.partial(module.before_backward, *static))
+        for ours, before in zip(ours_fn((x, k), g), before_fn((x, k), g), strict=True):
             err = float(jnp.abs(ours - before).max() / jnp.abs(before).max())
             assert err < 2e-6, err
