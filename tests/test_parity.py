@@ -40,6 +40,7 @@ GPU the default would be TensorFloat-32.
 from __future__ import annotations
 
 import copy
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -164,7 +165,8 @@ def test_train_mode_logits_and_running_stats_match_torchvision(arch, conv_path, 
     assert r.train_within_target(TARGET), r
 
 
-def _layer_signatures(arch: str) -> set:
+@functools.cache  # each base serves several archs; tracing ResNet-152's init takes seconds
+def _layer_signatures(arch: str) -> frozenset:
     model = jt.models.create(arch)
     x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
@@ -177,7 +179,7 @@ def _layer_signatures(arch: str) -> set:
             signatures.add(("grouped", stage, kh, kw, cin_g, cout // groups))
         else:
             signatures.add(leaf.shape)
-    return signatures
+    return frozenset(signatures)
 
 
 def test_the_archs_on_one_path_only_have_their_layers_checked_on_the_cpu_forms():
