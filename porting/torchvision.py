@@ -254,8 +254,14 @@ def to_torchvision(variables: Variables, arch: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for path, value in flat.items():
         key = torch_key(path)
-        arr = np.ascontiguousarray(_to_torch(np.asarray(value, np.float32), path, fam))
-        out[key] = torch.from_numpy(arr.copy())
+        src = np.asarray(value, np.float32)  # may be a read-only view of jax's buffer
+        arr = _to_torch(src, path, fam)
+        # Copied once if still a view of it or not C-ordered; VGG's first classifier layer
+        # is reordered into new memory already, and a second copy of its 400 MB takes
+        # seconds of page faults.
+        if np.may_share_memory(arr, src) or not arr.flags.c_contiguous or not arr.flags.writeable:
+            arr = np.array(arr, order="C", copy=True)
+        out[key] = torch.from_numpy(arr)
         if key.endswith(".running_var"):
             out[key[: -len("running_var")] + "num_batches_tracked"] = torch.tensor(
                 0, dtype=torch.long

@@ -157,6 +157,16 @@ def test_exported_state_dict_loads_strict_into_a_new_head_size(sd):
     net = torchvision.models.resnet18(num_classes=5)
     net.load_state_dict(out, strict=True)
     assert int(out["bn1.num_batches_tracked"]) == 0
+    # The tensors own their memory: changing them in place leaves the jax variables as they
+    # were (a bias, exported as it is stored, and a transposed conv kernel).
+    before = {
+        k: np.array(v["params"][k]["bias" if k == "fc" else "kernel"]) for k in ("fc", "conv1")
+    }
+    for key in ("fc.bias", "conv1.weight"):
+        assert out[key].is_contiguous()
+        out[key].add_(1.0)
+    np.testing.assert_array_equal(v["params"]["fc"]["bias"], before["fc"])
+    np.testing.assert_array_equal(v["params"]["conv1"]["kernel"], before["conv1"])
 
 
 def test_load_matching_reports_loaded_skipped_and_left_at_init(sd):
