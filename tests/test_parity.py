@@ -15,18 +15,19 @@ ResNeXt and Wide ResNet (grouped or wider Bottlenecks: `GROUPED_OR_WIDE`) run
 eval at 64 px: their stem, pools and strides are ResNet-50's and -101's, checked
 at 224 px; what is theirs (the grouped and wide 3x3 convolutions) any size
 exercises, and at 224 px their compilations and float64 torch forwards would
-cost minutes of the suite's CPU time. ResNeXt-50, ResNeXt-101 32x8d and Wide
-ResNet-50 run on jtransfer's CPU convolutions only (`_conv_paths`). Train mode
-stays at 97 px: at 65 px (layer4 3x3, 18 values per BatchNorm channel) Wide
-ResNet-101's running statistics on the Winograd path were 1.7x torch's own
-distance from float64 (1.7e-4 vs 9.8e-5; XLA's convolutions 1.1e-4), at 97 px 1.2x.
+cost minutes of the suite's CPU time. ResNeXt-50 runs on jtransfer's CPU
+convolutions only (`_conv_paths`). Train mode stays at 97 px: at 65 px (layer4 3x3,
+18 values per BatchNorm channel) Wide ResNet-101's running statistics on the
+Winograd path were 1.7x torch's own distance from float64 (1.7e-4 vs 9.8e-5; XLA's
+convolutions 1.1e-4), at 97 px 1.2x.
 
-ResNet-34/101/152, VGG-11/16/19 (with and without BatchNorm), Wide ResNet-101 and
-ResNeXt-101 64x4d run eval at 64 px and train mode at 97 px on XLA's convolutions
-only (`LAYERS_WITHIN`; VGG-19-BN on the CPU forms, `CPU_FORMS_ONLY`): each of
-their layers is one that ResNet-18, -50, VGG-13, Wide ResNet-50 or the other two
-ResNeXts run on the CPU forms. What is theirs is depth (the deep ResNets' train
-mode amplifies rounding), which either path shows; XLA's compiles them 2-10x faster.
+ResNet-34/101/152, VGG-11/16/19 (with and without BatchNorm), the Wide ResNets and
+the ResNeXt-101s run eval at 64 px and train mode at 97 px on XLA's convolutions
+only (`LAYERS_WITHIN`; VGG-19-BN on the CPU forms, `CPU_FORMS_ONLY`): every one of
+their convolutions runs, on the CPU forms, a form (and stride) that ResNet-18, -50,
+VGG-13 or ResNeXt-50 runs there, which a test checks by tracing. What is theirs is
+depth and width (the deep ResNets' train mode amplifies rounding), which either path
+shows; XLA's compiles them 2-10x faster.
 
 Both convolution paths run: jtransfer's CPU forms and XLA's own (`conv_path`), the
 one every GPU and TPU uses. XLA's path evaluates at 64 px: what differs between the
@@ -46,7 +47,6 @@ import jax
 import jax.numpy as jnp
 import memory_lock
 import pytest
-from flax import traverse_util
 
 import jtransfer as jt
 from jtransfer.models import conv
@@ -65,16 +65,17 @@ def _grouped_or_wide(arch: str) -> bool:
 
 GROUPED_OR_WIDE = tuple(a for a in jt.models.ARCHS if _grouped_or_wide(a))
 
-# Members of a family whose every layer (kernel shape; for a grouped 3x3 layer, its stage and
-# the shape of one group's kernel, which decide the CPU forms' code path) is also in the
-# architectures named here, which run on the CPU forms: ResNet-34 is ResNet-18 with more
-# blocks, ResNet-101/152 are ResNet-50 with more blocks, VGG-11/16/19 use VGG-13's
-# convolution shapes, Wide ResNet-101 is Wide ResNet-50 with more blocks, ResNeXt-101 64x4d
-# has ResNeXt-50 32x4d's groups (twice as many) and ResNeXt-101 32x8d's other layers. What is
-# theirs is depth (the deep ResNets' train mode amplifies rounding), which either convolution
-# path shows: they run on XLA's convolutions only (`_conv_paths`), which compile them 2-10x
-# faster than the CPU forms. On the CPU forms and at 224 px they cost the suite about 10
-# minutes of CPU time; `python -m porting.parity` measures them there for docs/parity.md.
+# Members of a family whose every convolution runs, on jtransfer's CPU forms, a form (and
+# stride) that a base named here runs on the CPU forms too (`_forward_forms`: Winograd for
+# 3x3 stride 1, one product for 1x1, XLA's convolution for the stem and the stride-2 3x3,
+# the taps or one convolution per group for a grouped 3x3): ResNet-34 is ResNet-18 with
+# more blocks, ResNet-101/152 and the Wide ResNets are ResNet-50's layers deeper or wider,
+# VGG-11/16/19 VGG-13's, and the two ResNeXt-101s ResNeXt-50's grouped layers with other
+# group widths. What is theirs is depth and width, which either convolution path shows
+# (the deep ResNets' train mode amplifies rounding): they run on XLA's convolutions only
+# (`_conv_paths`), which compile them 2-10x faster than the CPU forms. On the CPU forms and
+# at 224 px they cost the suite about 10 minutes of CPU time; `python -m porting.parity`
+# measures them there for docs/parity.md.
 LAYERS_WITHIN = {
     "resnet34": ("resnet18",),
     "resnet101": ("resnet50",),
@@ -85,8 +86,10 @@ LAYERS_WITHIN = {
     "vgg11_bn": ("vgg13_bn",),
     "vgg16_bn": ("vgg13_bn",),
     "vgg19_bn": ("vgg13_bn",),
-    "wide_resnet101_2": ("wide_resnet50_2",),
-    "resnext101_64x4d": ("resnext50_32x4d", "resnext101_32x8d"),
+    "wide_resnet50_2": ("resnet50",),
+    "wide_resnet101_2": ("resnet50",),
+    "resnext101_32x8d": ("resnext50_32x4d",),
+    "resnext101_64x4d": ("resnext50_32x4d",),
 }
 SMALL_INPUT = tuple(dict.fromkeys(GROUPED_OR_WIDE + tuple(LAYERS_WITHIN)))
 
@@ -104,11 +107,11 @@ CONV_PATHS = ("auto", "xla")
 
 
 def _conv_paths(arch: str) -> tuple[str, ...]:
-    # The grouped and wide archs on XLA's convolutions add no code path: their grouped
-    # layers there are XLA's own grouped convolution (the reference tests/test_conv.py
-    # checks the CPU forms against), their other layers are ResNet-50/101's, checked on
-    # both paths. LAYERS_WITHIN archs add no layer shape to either path, only depth: XLA's
-    # convolutions compile VGG 10x and ResNet-152 2x faster than the CPU forms. Both are
+    # ResNeXt-50 on XLA's convolutions adds no code path: its grouped layers there are
+    # XLA's own grouped convolution (the reference tests/test_conv.py checks the CPU forms
+    # against), its other layers are ResNet-50's, checked on both paths. LAYERS_WITHIN
+    # archs add no convolution form to either path, only depth and width: XLA's
+    # convolutions compile VGG 10x and ResNet-152 2x faster than the CPU forms. All are
     # measured on both paths for docs/parity.md; one path each saves the suite minutes.
     if arch in LAYERS_WITHIN and arch not in CPU_FORMS_ONLY:
         return ("xla",)
@@ -165,33 +168,66 @@ def test_train_mode_logits_and_running_stats_match_torchvision(arch, conv_path, 
     assert r.train_within_target(TARGET), r
 
 
-@functools.cache  # each base serves several archs; tracing ResNet-152's init takes seconds
-def _layer_signatures(arch: str) -> frozenset:
+def _form(x: jax.ShapeDtypeStruct, kernel: jax.ShapeDtypeStruct, strides, padding, groups: int):
+    """The form the CPU forms run a convolution's forward by, as `conv.conv_general_dilated`
+    and `conv._forward` choose it (the same predicates, in the same order)."""
+    strides = tuple(int(v) for v in strides)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if groups > 1:
+        narrow = kernel.shape[2] <= conv._TAPS_MAX_GROUP_CHANNELS
+        return ("grouped taps" if narrow else "grouped per group", strides)
+    if conv._few_input_channels(kernel):
+        return ("xla, few input channels", strides)
+    if conv._centre_tap_only(x, kernel, strides, padding):
+        return ("centre tap", strides)
+    if conv._is_winograd(x, kernel, strides, padding):
+        return ("winograd", strides)
+    if kernel.shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)):
+        return ("1x1 product", strides)
+    return ("xla", kernel.shape[:2], strides)
+
+
+@functools.cache  # each base serves several archs
+def _forward_forms(arch: str) -> frozenset:
+    """Every convolution's form on the CPU forms in `arch`'s forward (traced at 64 px).
+
+    A form depends on the map size only where a 3x3 layer meets a 1x1 map (the centre
+    tap); none of the sizes the tests run (64, 97 and 224 px) makes one, so one size serves.
+    """
+    seen = set()
+
+    def recording(lhs, rhs, window_strides, padding, **kwargs):
+        seen.add(_form(lhs, rhs, window_strides, padding, kwargs.get("feature_group_count", 1)))
+        # XLA's own convolution: the shape the layer gives, without tracing its form.
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+
     model = jt.models.create(arch)
-    x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
-    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
-    groups = jt.models.family(arch).variants[arch].get("groups", 1)
-    signatures = set()
-    for path, leaf in traverse_util.flatten_dict(params).items():
-        if groups > 1 and path[0].startswith("layer") and path[1:] == ("conv2", "kernel"):
-            kh, kw, cin_g, cout = leaf.shape
-            stage = path[0].split("_")[0]
-            signatures.add(("grouped", stage, kh, kw, cin_g, cout // groups))
-        else:
-            signatures.add(leaf.shape)
-    return frozenset(signatures)
+    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(conv.CONV_ENV, raising=False)  # the CPU forms
+        mp.setattr(conv, "conv_general_dilated", recording)
+        jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
+    assert seen and not any(form[0] == "centre tap" for form in seen), (arch, seen)
+    return frozenset(seen)
 
 
 def test_the_archs_on_one_path_only_have_their_layers_checked_on_the_cpu_forms():
     for small, bases in LAYERS_WITHIN.items():
-        covered = set().union(*(_layer_signatures(base) for base in bases))
-        assert _layer_signatures(small) <= covered, small
+        covered = set().union(*(_forward_forms(base) for base in bases))
+        assert _forward_forms(small) <= covered, (small, _forward_forms(small) - covered)
         for base in bases:
             assert base not in LAYERS_WITHIN and "auto" in _conv_paths(base), base
             assert jt.models.family(small) is jt.models.family(base)
     # The stems, pools and VGG's flatten at 224 px, on both paths.
     for base in ("resnet18", "resnet50", "vgg13", "vgg13_bn"):
         assert base not in SMALL_INPUT and _conv_paths(base) == CONV_PATHS
+    # The bases run every form: grouped layers of both kinds at both strides among them.
+    bases = {base for named in LAYERS_WITHIN.values() for base in named}
+    every = set().union(*(_forward_forms(base) for base in bases))
+    kinds = {form[0] for form in every}
+    assert {"grouped taps", "grouped per group", "winograd", "1x1 product", "xla"} <= kinds
+    for kind in ("grouped taps", "grouped per group"):
+        assert {(kind, (1, 1)), (kind, (2, 2))} <= every, kind
 
 
 def test_grouped_and_wide_archs_are_the_five_torchvision_ones():
