@@ -21,8 +21,8 @@ convolutions only (`_conv_paths`). Train mode stays at 97 px: at 65 px (layer4 3
 Winograd path were 1.7x torch's own distance from float64 (1.7e-4 vs 9.8e-5; XLA's
 convolutions 1.1e-4), at 97 px 1.2x.
 
-ResNet-34/101/152, VGG-11/16/19 (with and without BatchNorm), the Wide ResNets and
-the ResNeXt-101s run eval at 64 px and train mode at 97 px on XLA's convolutions
+ResNet-34/101/152, VGG-11/16/19, VGG-11/13/16/19-BN, the Wide ResNets and the
+ResNeXt-101s run eval at 64 px and train mode at 97 px on XLA's convolutions
 only (`LAYERS_WITHIN`; VGG-19-BN on the CPU forms, `CPU_FORMS_ONLY`): every one of
 their convolutions runs, on the CPU forms, a form (and stride) that ResNet-18, -50,
 VGG-13 or ResNeXt-50 runs there, which a test checks by tracing. What is theirs is
@@ -70,7 +70,8 @@ GROUPED_OR_WIDE = tuple(a for a in jt.models.ARCHS if _grouped_or_wide(a))
 # 3x3 stride 1, one product for 1x1, XLA's convolution for the stem and the stride-2 3x3,
 # the taps or one convolution per group for a grouped 3x3): ResNet-34 is ResNet-18 with
 # more blocks, ResNet-101/152 and the Wide ResNets are ResNet-50's layers deeper or wider,
-# VGG-11/16/19 VGG-13's, and the two ResNeXt-101s ResNeXt-50's grouped layers with other
+# VGG-11/16/19 and the VGG-BNs VGG-13's (BatchNorm is ResNet's layer, at 224 px on both
+# paths in ResNet-18 and -50), and the two ResNeXt-101s ResNeXt-50's grouped layers with other
 # group widths. What is theirs is depth and width, which either convolution path shows
 # (the deep ResNets' train mode amplifies rounding): they run on XLA's convolutions only
 # (`_conv_paths`), which compile them 2-10x faster than the CPU forms. On the CPU forms and
@@ -83,9 +84,10 @@ LAYERS_WITHIN = {
     "vgg11": ("vgg13",),
     "vgg16": ("vgg13",),
     "vgg19": ("vgg13",),
-    "vgg11_bn": ("vgg13_bn",),
-    "vgg16_bn": ("vgg13_bn",),
-    "vgg19_bn": ("vgg13_bn",),
+    "vgg11_bn": ("vgg13",),
+    "vgg13_bn": ("vgg13",),
+    "vgg16_bn": ("vgg13",),
+    "vgg19_bn": ("vgg13",),
     "wide_resnet50_2": ("resnet50",),
     "wide_resnet101_2": ("resnet50",),
     "resnext101_32x8d": ("resnext50_32x4d",),
@@ -219,7 +221,7 @@ def test_the_archs_on_one_path_only_have_their_layers_checked_on_the_cpu_forms()
             assert base not in LAYERS_WITHIN and "auto" in _conv_paths(base), base
             assert jt.models.family(small) is jt.models.family(base)
     # The stems, pools and VGG's flatten at 224 px, on both paths.
-    for base in ("resnet18", "resnet50", "vgg13", "vgg13_bn"):
+    for base in ("resnet18", "resnet50", "vgg13"):
         assert base not in SMALL_INPUT and _conv_paths(base) == CONV_PATHS
     # The bases run every form: grouped layers of both kinds at both strides among them.
     bases = {base for named in LAYERS_WITHIN.values() for base in named}
