@@ -761,11 +761,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="ARCH",
         help=f"any of jt.models.ARCHS (default: {' '.join(DEFAULT_ARCHS)}; resnet18 with --quick)",
     )
-    p.add_argument("--batch", nargs="+", type=int, default=list(DEFAULT_BATCHES))
+    p.add_argument(
+        "--batch",
+        nargs="+",
+        type=int,
+        default=None,
+        help=f"batch sizes (default: {' '.join(map(str, DEFAULT_BATCHES))}; 16 with --quick)",
+    )
     p.add_argument(
         "--size", type=int, default=DEFAULT_SIZE, help="image side (default %(default)s)"
     )
-    p.add_argument("--reps", type=int, default=DEFAULT_REPS, help="timed reps per cell")
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help=f"timed reps per cell (default: {DEFAULT_REPS}; 2 with --quick)",
+    )
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument(
         "--dtype",
@@ -778,9 +789,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="batch 16, 2 reps, resnet18 unless --archs names others: about a minute per arch",
+        help="resnet18, batch 16, 2 reps, each unless --archs, --batch or --reps says "
+        "otherwise; writes RESULTS-quick.md unless --out: about a minute per arch",
     )
-    p.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="markdown table (default: benchmarks/RESULTS.md, the checked-in table; "
+        "benchmarks/RESULTS-quick.md with --quick)",
+    )
     p.add_argument("--xla-flags", default=JAX_XLA_FLAGS, help="XLA CPU flags for the jax side")
     p.add_argument("--compile-cache", default=None, help="jax persistent compilation cache dir")
     p.add_argument(
@@ -810,10 +828,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--processes must be at least 1, got {args.processes}")
     if args.processes > 1 and args.in_process:
         p.error("--processes N > 1 runs each case in fresh processes; drop --in-process")
-    if args.quick:
-        args.batch, args.reps = [16], 2
+    # --quick picks small defaults; what the command line names explicitly wins over them.
+    if args.batch is None:
+        args.batch = [16] if args.quick else list(DEFAULT_BATCHES)
+    if args.reps is None:
+        args.reps = 2 if args.quick else DEFAULT_REPS
     if args.archs is None:
         args.archs = ["resnet18"] if args.quick else list(DEFAULT_ARCHS)
+    if args.out is None:
+        args.out = Path(__file__).with_name("RESULTS-quick.md" if args.quick else "RESULTS.md")
     import jtransfer as jt  # importing jax creates no backend: XLA flags can still be set
 
     unknown = [a for a in args.archs if a not in jt.models.ARCHS]

@@ -123,6 +123,20 @@ def test_processes_option_errors(bench, argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_quick_defaults_yield_to_explicit_options(bench):
+    """`--quick --reps 5` times 5 reps (it once silently timed 2), and a quick run never
+    overwrites the checked-in RESULTS.md unless --out names it."""
+    quick = bench.parse_args(["--quick"])
+    assert (quick.archs, quick.batch, quick.reps) == (["resnet18"], [16], 2)
+    assert quick.out == BENCH.with_name("RESULTS-quick.md")
+    named = bench.parse_args(["--quick", "--reps", "5", "--batch", "8", "32"])
+    assert (named.batch, named.reps) == ([8, 32], 5)
+    full = bench.parse_args([])
+    assert (full.batch, full.reps) == (list(bench.DEFAULT_BATCHES), bench.DEFAULT_REPS)
+    assert full.out == BENCH.with_name("RESULTS.md")
+    assert bench.parse_args(["--quick", "--out", "x.md"]).out == Path("x.md")
+
+
 def test_processes_run_each_case_in_fresh_processes(bench, tmp_path):
     out = tmp_path / "RESULTS.md"
     argv = ["--archs", "resnet18", "--batch", "2", "--size", "32", "--reps", "1"]
